@@ -1,0 +1,1 @@
+"""One file per architecture; each exposes ``DEFAULT_HYPERS`` and ``build``."""

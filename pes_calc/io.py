@@ -1,0 +1,128 @@
+"""The model file: safetensors weights + JSON metadata; nothing is ever unpickled.
+
+Layout of ``model.safetensors``:
+
+- tensors: the `Potential`'s state dict;
+- metadata (string → string): ``format`` = ``"pes_calc.model"``,
+  ``format_version`` = `FORMAT_VERSION`, and ``metadata``, one JSON document with
+  the architecture name, hyperparameters, species, cutoff, dtype, units, the
+  training-data statistics and LLPR settings where present.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from pes_calc.potential import Potential
+
+FORMAT_TAG = "pes_calc.model"
+FORMAT_VERSION = 1
+UNITS = {"energy": "eV", "length": "Å"}
+
+
+class ModelFileError(ValueError):
+    """A model file that is missing, foreign, corrupted, truncated or too new."""
+
+
+def model_metadata(model: Potential) -> Dict[str, Any]:
+    """The JSON metadata describing ``model`` (enough to rebuild it)."""
+    from pes_calc import __version__
+
+    dtype = next(iter(model.state_dict().values())).dtype
+    return {
+        "architecture": model.config["name"],
+        "species": model.species,
+        "model": model.config["model"],
+        "cutoff": model.cutoff,
+        "dtype": str(dtype).removeprefix("torch."),
+        "units": UNITS,
+        "do_derivatives": model.do_derivatives,
+        "training_data_stats": model.config.get("training_data_stats", {}),
+        "pes_calc_version": __version__,
+    }
+
+
+def save_model(model: Potential, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` (a ``.safetensors`` file)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        name: tensor.detach().contiguous().cpu()
+        for name, tensor in model.state_dict().items()
+    }
+    metadata = {
+        "format": FORMAT_TAG,
+        "format_version": str(FORMAT_VERSION),
+        "metadata": json.dumps(model_metadata(model)),
+    }
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+    """The checked JSON metadata of a model file, without loading its weights."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"no model file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+    except Exception as error:  # safetensors reports header damage in several ways
+        raise ModelFileError(
+            f"{path} is not a readable safetensors file (corrupted or truncated?): "
+            f"{error}"
+        ) from error
+    if header.get("format") != FORMAT_TAG:
+        raise ModelFileError(
+            f"{path} is a safetensors file but not a pes_calc model "
+            f"(format tag {header.get('format')!r}, expected {FORMAT_TAG!r})"
+        )
+    version = int(header.get("format_version", "-1"))
+    if version > FORMAT_VERSION:
+        raise ModelFileError(
+            f"{path} has model format version {version}, newer than this pes_calc "
+            f"understands ({FORMAT_VERSION}); upgrade pes_calc to read it"
+        )
+    if version < 1:
+        raise ModelFileError(f"{path} has an invalid format version {version}")
+    try:
+        return json.loads(header["metadata"])
+    except (KeyError, json.JSONDecodeError) as error:
+        raise ModelFileError(f"{path} has damaged metadata: {error}") from error
+
+
+def load_model(path: str | os.PathLike) -> Potential:
+    """Rebuild the eager model stored in ``path`` (``.safetensors``)."""
+    from safetensors.torch import load_file
+
+    from pes_calc.build import build_model
+
+    metadata = read_metadata(path)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise ModelFileError(
+            f"{path}: the weights cannot be read (truncated or corrupted?): {error}"
+        ) from error
+    model = build_model(
+        {"name": metadata["architecture"], "model": metadata["model"]},
+        metadata["species"],
+    )
+    model.config["training_data_stats"] = metadata.get("training_data_stats", {})
+    model.do_derivatives = bool(metadata.get("do_derivatives", True))
+    dtype = getattr(torch, metadata["dtype"])
+    model = model.to(dtype)
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise ModelFileError(
+            f"{path}: weights do not match the {metadata['architecture']} model "
+            f"described in its metadata (missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]})"
+        )
+    return model.eval()

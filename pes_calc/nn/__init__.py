@@ -1,0 +1,17 @@
+"""Building blocks shared by the architectures: cutoffs, MLPs, scatter, ZBL."""
+
+from pes_calc.nn.cutoffs import polynomial_envelope, shifted_cosine_cutoff
+from pes_calc.nn.mlp import MLP, PerSpecies, activation, species_groups
+from pes_calc.nn.scatter import scatter_sum
+from pes_calc.nn.zbl import ZBL
+
+__all__ = [
+    "MLP",
+    "PerSpecies",
+    "ZBL",
+    "activation",
+    "polynomial_envelope",
+    "scatter_sum",
+    "species_groups",
+    "shifted_cosine_cutoff",
+]

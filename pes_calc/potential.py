@@ -1,0 +1,177 @@
+"""`Potential`: what every architecture shares — scales, shifts, ZBL, sums, derivatives.
+
+An architecture maps a graph to raw per-atom energies e_i and the per-atom features
+its last linear layer reads. The potential turns them into physics:
+
+| quantity | code | formula |
+|---|---|---|
+| per-atom energy E_i | `energies` | σ_{t(i)} e_i + μ_{t(i)} + ½ Σ_j E_ZBL(r_ij) |
+| structure energy E | `energy` | Σ_{i in structure} E_i |
+| forces F_i | `forces` | -∂E/∂R_i |
+| stress σ | `stress` | (1/V) ∂E/∂ε at ε = 0, with R → R(1+ε), cell → cell(1+ε) |
+
+Forces and stress come from one backward pass over (positions, strain); σ and μ are
+the per-type energy scales and shifts. Units: eV, Å, eV/Å, eV/Å³ (ASE's stress sign).
+"""
+
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from pes_calc import keys
+from pes_calc.graph import (
+    AtomicGraph,
+    edge_vectors,
+    number_of_atoms,
+    number_of_structures,
+    sum_per_structure,
+    with_positions_and_cell,
+)
+from pes_calc.nn.scatter import scatter_sum
+from pes_calc.nn.zbl import ZBL
+
+
+class Architecture(nn.Module):
+    """Interface of an architecture: a graph and its edge vectors in, raw per-atom
+    energies (N,) and last-layer features (N, F) out, with e_i = f_i · w for the
+    weights w of ``last_layer``, a bias-free ``nn.Linear(F, 1)``."""
+
+    cutoff: float
+
+    def forward(self, graph: AtomicGraph, vectors: Tensor) -> Tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+
+class Potential(nn.Module):
+    """A trained model: architecture + per-type scales/shifts + optional ZBL.
+
+    Call it on an `AtomicGraph` to get a dict of outputs keyed by `pes_calc.keys`.
+    The ``config`` (architecture name and hyperparameters) rebuilds it exactly.
+    """
+
+    __jit_ignored_attributes__ = ["config"]
+
+    def __init__(
+        self,
+        architecture: Architecture,
+        species: Sequence[str],
+        *,
+        per_type_energy_scales: Sequence[float] | float = 1.0,
+        per_type_energy_shifts: Sequence[float] | float = 0.0,
+        per_type_energy_scales_trainable: bool = False,
+        per_type_energy_shifts_trainable: bool = False,
+        pair_potential: Optional[ZBL] = None,
+        do_derivatives: bool = True,
+        config: Optional[dict] = None,
+    ):
+        super().__init__()
+        self.architecture = architecture
+        self.species: List[str] = list(species)
+        self.cutoff: float = float(architecture.cutoff)
+        self.do_derivatives = do_derivatives
+        self.config: dict = dict(config or {})
+        num_species = len(self.species)
+        self.per_type_energy_scales = nn.Parameter(
+            _per_type(per_type_energy_scales, num_species, "per_type_energy_scales"),
+            requires_grad=per_type_energy_scales_trainable,
+        )
+        self.per_type_energy_shifts = nn.Parameter(
+            _per_type(per_type_energy_shifts, num_species, "per_type_energy_shifts"),
+            requires_grad=per_type_energy_shifts_trainable,
+        )
+        self.has_pair_potential = pair_potential is not None
+        # TorchScript needs a module here either way
+        self.pair_potential = pair_potential if pair_potential is not None else nn.Identity()
+
+    def forward(
+        self,
+        graph: AtomicGraph,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+    ) -> Dict[str, Tensor]:
+        """Energies, and forces and stress unless switched off (or energy-only)."""
+        compute_forces = compute_forces and self.do_derivatives
+        compute_stress = compute_stress and self.do_derivatives
+        positions = graph.positions
+        if (compute_forces or compute_stress) and not positions.requires_grad:
+            positions = positions.detach().requires_grad_(True)
+        strain = torch.zeros(
+            (number_of_structures(graph), 3, 3),
+            dtype=positions.dtype,
+            device=positions.device,
+        ).requires_grad_(compute_stress)
+        strained = with_positions_and_cell(
+            graph,
+            positions
+            + torch.bmm(positions.unsqueeze(1), strain[graph.structure_index]).squeeze(1),
+            graph.cell + torch.bmm(graph.cell, strain),
+        )
+
+        vectors = edge_vectors(strained)  # (E, 3)
+        raw_energies, features = self.architecture(strained, vectors)
+        energies = (
+            raw_energies * self.per_type_energy_scales[graph.species]
+            + self.per_type_energy_shifts[graph.species]
+        )
+        if self.has_pair_potential:
+            energies = energies + self._pair_energies(graph, vectors)
+        energy = sum_per_structure(energies, graph)
+        outputs: Dict[str, Tensor] = {
+            keys.ENERGY: energy,
+            keys.ENERGIES: energies,
+            keys.LAST_LAYER_FEATURES: features,
+        }
+        if not (compute_forces or compute_stress):
+            return outputs
+
+        inputs: List[Tensor] = []
+        if compute_forces:
+            inputs.append(positions)
+        if compute_stress:
+            inputs.append(strain)
+        gradients = torch.autograd.grad(
+            [energy.sum()], inputs, create_graph=self.training, allow_unused=True
+        )
+        if compute_forces:
+            outputs[keys.FORCES] = -_or_zeros(gradients[0], positions)
+        if compute_stress:
+            outputs[keys.STRESS] = _stress(_or_zeros(gradients[-1], strain), graph.cell)
+        return outputs
+
+    def _pair_energies(self, graph: AtomicGraph, vectors: Tensor) -> Tensor:
+        """Per-atom pair-potential energies: half of each full-list edge's energy."""
+        i, j = graph.edge_index[0], graph.edge_index[1]
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)
+        pair = self.pair_potential(lengths, graph.species[i], graph.species[j])
+        return 0.5 * scatter_sum(pair, i, number_of_atoms(graph))
+
+
+def _per_type(value: Sequence[float] | float, num_species: int, name: str) -> Tensor:
+    """A (T,) float64 tensor from one value or one value per species."""
+    values = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
+    if values.numel() == 1:
+        return values.repeat(num_species)
+    if values.numel() != num_species:
+        raise ValueError(
+            f"{name} needs one value or one per species ({num_species}), "
+            f"got {values.numel()}"
+        )
+    return values.clone()
+
+
+def _or_zeros(gradient: Optional[Tensor], like: Tensor) -> Tensor:
+    """A gradient that autograd reports as unused (no edges) is zero."""
+    if gradient is None:
+        return torch.zeros_like(like)
+    return gradient
+
+
+def _stress(strain_gradient: Tensor, cell: Tensor) -> Tensor:
+    """(S, 3, 3) symmetric stress from ∂E/∂ε; zero for cells without volume."""
+    volume = torch.abs(torch.linalg.det(cell))  # (S,)
+    safe_volume = torch.where(volume > 0, volume, torch.ones_like(volume))
+    stress = 0.5 * (strain_gradient + strain_gradient.transpose(1, 2))
+    stress = stress / safe_volume[:, None, None]
+    return torch.where((volume > 0)[:, None, None], stress, torch.zeros_like(stress))
