@@ -1,0 +1,174 @@
+"""`PESCalculator`: the ASE face of every pes_calc model.
+
+One forward and one backward pass per new geometry fill energy, per-atom energies,
+forces and stress together; ASE's own cache serves the other properties. The
+neighbour list is built with a Verlet skin and reused until an atom has moved more
+than half the skin (or the cell, atoms or species change).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import ase
+import numpy as np
+import torch
+from ase.calculators.calculator import (
+    Calculator,
+    PropertyNotImplementedError,
+    all_changes,
+)
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from pes_calc import keys
+from pes_calc.graph import AtomicGraph, edge_vectors
+from pes_calc.neighbors import Backend, atoms_to_graph, check_geometry
+
+
+class PESCalculator(Calculator):
+    """ASE calculator for pes_calc models.
+
+    Parameters
+    ----------
+    model
+        A model object, or the path of a ``.safetensors`` model or a TorchScript
+        ``.pt`` from ``pes-calc compile``.
+    device
+        ``"cuda"`` when available, else ``"cpu"``, unless given.
+    dtype
+        Float type to run in; the model's by default.
+    skin
+        Verlet skin in Å: neighbours are listed within cutoff + skin and the list is
+        rebuilt only after an atom moves more than skin/2. 0 rebuilds every call.
+    neighbor_backend
+        ``"vesin"`` or ``"vesin-torch"``; by default vesin on CPU and vesin-torch on
+        CUDA.
+
+    Examples
+    --------
+    >>> import ase.build
+    >>> from pes_calc import build_model
+    >>> atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+    >>> model = build_model("soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2})
+    >>> atoms.calc = PESCalculator(model, device="cpu")
+    >>> atoms.get_forces().shape, atoms.get_stress().shape
+    ((4, 3), (6,))
+    """
+
+    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+
+    def __init__(
+        self,
+        model: torch.nn.Module | str | os.PathLike,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        skin: float = 0.5,
+        neighbor_backend: Backend | None = None,
+        **kwargs: Any,
+    ):
+        super().__init__(**kwargs)
+        from pes_calc.compile import load_artefact
+        from pes_calc.io import model_metadata
+
+        self.device = torch.device(
+            device or ("cuda" if torch.cuda.is_available() else "cpu")
+        )
+        if isinstance(model, (str, os.PathLike)):
+            model, self.metadata = load_artefact(model, self.device)
+        else:
+            self.metadata = model_metadata(model)
+        self.dtype = dtype or getattr(torch, self.metadata["dtype"])
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.species: list[str] = list(self.metadata["species"])
+        self.cutoff = float(self.metadata["cutoff"])
+        if skin < 0:
+            raise ValueError("skin must be ≥ 0 Å")
+        self.skin = float(skin)
+        self.neighbor_backend = neighbor_backend
+        self.neighbor_list_builds = 0
+        self.neighbor_list_reuses = 0
+        self._graph: Optional[AtomicGraph] = None
+        self._reference_positions: Optional[np.ndarray] = None
+
+    def calculate(
+        self,
+        atoms: ase.Atoms | None = None,
+        properties: Sequence[str] = ("energy",),
+        system_changes: Sequence[str] = all_changes,
+    ) -> None:
+        """Fill ``self.results`` with every property in one model call."""
+        super().calculate(atoms, properties, system_changes)
+        atoms = self.atoms
+        assert atoms is not None  # set by the base class
+        has_volume = bool(np.any(atoms.pbc)) and atoms.cell.volume > 1e-12
+        if "stress" in properties and not has_volume:
+            raise PropertyNotImplementedError(
+                "stress needs a periodic cell with a volume; this structure has none"
+            )
+        graph = self._current_graph(atoms, system_changes)
+        outputs = self.model(graph, True, has_volume)
+        self.results = self._to_results(outputs, has_volume)
+
+    def _current_graph(
+        self, atoms: ase.Atoms, system_changes: Sequence[str]
+    ) -> AtomicGraph:
+        """The graph at the current positions, reusing the neighbour list if valid."""
+        positions = np.asarray(atoms.positions)
+        rebuild = (
+            self._graph is None
+            or self.skin == 0.0
+            or any(c in system_changes for c in ("numbers", "cell", "pbc"))
+            or self._reference_positions is None
+            or len(positions) != len(self._reference_positions)
+        )
+        if not rebuild:
+            assert self._reference_positions is not None
+            # unwrapped displacement: an atom wrapped back into the cell counts as moved
+            moved = np.linalg.norm(positions - self._reference_positions, axis=1)
+            rebuild = bool(moved.max(initial=0.0) > 0.5 * self.skin)
+        if rebuild:
+            self._graph = atoms_to_graph(
+                atoms,
+                self.species,
+                self.cutoff + self.skin,
+                dtype=self.dtype,
+                device=self.device,
+                backend=self.neighbor_backend,
+            )
+            self._reference_positions = positions.copy()
+            self.neighbor_list_builds += 1
+        else:
+            check_geometry(positions, atoms.cell.array, atoms.pbc)
+            self.neighbor_list_reuses += 1
+        assert self._graph is not None
+        graph = self._graph._replace(
+            positions=torch.as_tensor(positions, dtype=self.dtype).to(self.device)
+        )
+        return _within_cutoff(graph, self.cutoff) if self.skin > 0 else graph
+
+    def _to_results(self, outputs: Dict[str, torch.Tensor], has_volume: bool) -> dict:
+        energy = float(outputs[keys.ENERGY].detach()[0].item())
+        results: Dict[str, Any] = {
+            "energy": energy,
+            "free_energy": energy,
+            "energies": _numpy(outputs[keys.ENERGIES]),
+        }
+        if keys.FORCES in outputs:
+            results["forces"] = _numpy(outputs[keys.FORCES])
+        if has_volume and keys.STRESS in outputs:
+            results["stress"] = full_3x3_to_voigt_6_stress(_numpy(outputs[keys.STRESS])[0])
+        return results
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def _within_cutoff(graph: AtomicGraph, cutoff: float) -> AtomicGraph:
+    """Drop the skin's edges: keep those shorter than ``cutoff`` now."""
+    keep = torch.linalg.vector_norm(edge_vectors(graph), dim=-1) < cutoff
+    return graph._replace(
+        edge_index=graph.edge_index[:, keep],
+        edge_cell_shifts=graph.edge_cell_shifts[keep],
+    )
