@@ -113,9 +113,8 @@ class Potential(nn.Module):
             raw_energies * self.per_type_energy_scales[graph.species]
             + self.per_type_energy_shifts[graph.species]
         )
-        pair_potential = self.pair_potential
-        if pair_potential is not None:
-            energies = energies + _pair_energies(pair_potential, graph, vectors)
+        if self.pair_potential is not None:
+            energies = energies + self._pair_energies(graph, vectors)
         energy = sum_per_structure(energies, graph)
         outputs: Dict[str, Tensor] = {
             keys.ENERGY: energy,
@@ -139,6 +138,16 @@ class Potential(nn.Module):
             outputs[keys.STRESS] = _stress(_or_zeros(gradients[-1], strain), graph.cell)
         return outputs
 
+    def _pair_energies(self, graph: AtomicGraph, vectors: Tensor) -> Tensor:
+        """Per-atom pair-potential energies: half of each full-list edge's energy."""
+        pair_potential = self.pair_potential
+        assert pair_potential is not None  # checked by the caller
+        i, j = graph.edge_index[0], graph.edge_index[1]
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)
+        pair = pair_potential(lengths, graph.species[i], graph.species[j])
+        return 0.5 * scatter_sum(pair, i, number_of_atoms(graph))
+
+
 def _per_type(value: Sequence[float] | float, num_species: int, name: str) -> Tensor:
     """A (T,) float64 tensor from one value or one value per species."""
     values = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
@@ -150,14 +159,6 @@ def _per_type(value: Sequence[float] | float, num_species: int, name: str) -> Te
             f"got {values.numel()}"
         )
     return values.clone()
-
-
-def _pair_energies(pair_potential: ZBL, graph: AtomicGraph, vectors: Tensor) -> Tensor:
-    """Per-atom pair-potential energies: half of each full-list edge's energy."""
-    i, j = graph.edge_index[0], graph.edge_index[1]
-    lengths = torch.linalg.vector_norm(vectors, dim=-1)
-    pair = pair_potential(lengths, graph.species[i], graph.species[j])
-    return 0.5 * scatter_sum(pair, i, number_of_atoms(graph))
 
 
 def _or_zeros(gradient: Optional[Tensor], like: Tensor) -> Tensor:
