@@ -101,12 +101,15 @@ def build_model(
     if merged["model_dtype"] not in DTYPES:
         raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}")
     config = {"name": name, "species": species, "model": merged}
-    with torch.random.fork_rng(devices=[]):  # a seed must not reset the caller's RNG
-        if merged["seed"] is not None:
-            torch.manual_seed(int(merged["seed"]))
+    if merged["seed"] is None:  # initialised from (and advancing) the global RNG
         model = builder(species, merged)
+    else:
+        with torch.random.fork_rng(devices=[]):  # a seed leaves the caller's RNG alone
+            torch.manual_seed(int(merged["seed"]))
+            model = builder(species, merged)
     model.config = config
-    return model.to(DTYPES[merged["model_dtype"]])
+    # inference is the default use; the trainer switches to .train() itself
+    return model.to(DTYPES[merged["model_dtype"]]).eval()
 
 
 def potential_options(hypers: Mapping[str, Any]) -> Dict[str, Any]:

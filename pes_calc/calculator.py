@@ -8,6 +8,7 @@ than half the skin (or the cell, atoms or species change).
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Dict, Optional, Sequence
 
@@ -79,6 +80,10 @@ class PESCalculator(Calculator):
         else:
             self.metadata = model_metadata(model)
         self.dtype = dtype or getattr(torch, self.metadata["dtype"])
+        first = next(t for t in model.state_dict().values() if t.is_floating_point())
+        if first.dtype != self.dtype or first.device != self.device:
+            # Module.to converts in place: convert a copy, not the caller's model
+            model = copy.deepcopy(model)
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.species: list[str] = list(self.metadata["species"])
         self.cutoff = float(self.metadata["cutoff"])
@@ -101,7 +106,7 @@ class PESCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         assert atoms is not None  # set by the base class
-        has_volume = bool(np.any(atoms.pbc)) and atoms.cell.volume > 1e-12
+        has_volume = bool(np.any(atoms.pbc) and atoms.cell.volume > 1e-12)
         if "stress" in properties and not has_volume:
             raise PropertyNotImplementedError(
                 "stress needs a periodic cell with a volume; this structure has none"

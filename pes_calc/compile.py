@@ -10,6 +10,7 @@ Python, and a model loaded without them would silently lose force terms.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import json
 import os
@@ -74,7 +75,8 @@ def compile_model(
         raise NotImplementedError(
             f"compile mode {mode!r} is not available yet; use 'torchscript'"
         )
-    model = apply_modifiers(model, modifiers)
+    # modifiers, .to() and .eval() act in place: work on a copy of the caller's model
+    model = apply_modifiers(copy.deepcopy(model), modifiers)
     if dtype is not None:
         model = model.to(dtype)
     model = model.to(device).eval()

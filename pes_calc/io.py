@@ -83,7 +83,12 @@ def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
             f"{path} is a safetensors file but not a pes_calc model "
             f"(format tag {header.get('format')!r}, expected {FORMAT_TAG!r})"
         )
-    version = int(header.get("format_version", "-1"))
+    try:
+        version = int(header.get("format_version", "-1"))
+    except ValueError:
+        raise ModelFileError(
+            f"{path} has an invalid format version {header['format_version']!r}"
+        ) from None
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} has model format version {version}, newer than this pes_calc "
@@ -110,15 +115,27 @@ def load_model(path: str | os.PathLike) -> Potential:
         raise ModelFileError(
             f"{path}: the weights cannot be read (truncated or corrupted?): {error}"
         ) from error
-    model = build_model(
-        {"name": metadata["architecture"], "model": metadata["model"]},
-        metadata["species"],
-    )
+    try:
+        model = build_model(
+            {"name": metadata["architecture"], "model": metadata["model"]},
+            metadata["species"],
+        )
+        dtype = getattr(torch, metadata["dtype"])
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise ModelFileError(
+            f"{path}: its metadata does not describe a model this pes_calc can "
+            f"build: {error!r}"
+        ) from error
     model.config["training_data_stats"] = metadata.get("training_data_stats", {})
     model.do_derivatives = bool(metadata.get("do_derivatives", True))
-    dtype = getattr(torch, metadata["dtype"])
     model = model.to(dtype)
-    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(tensors, strict=False)
+    except RuntimeError as error:  # a tensor of the wrong shape
+        raise ModelFileError(
+            f"{path}: weights do not match the {metadata['architecture']} model "
+            f"described in its metadata: {error}"
+        ) from error
     if missing or unexpected:
         raise ModelFileError(
             f"{path}: weights do not match the {metadata['architecture']} model "

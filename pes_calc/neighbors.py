@@ -78,7 +78,7 @@ def neighbor_list_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Full neighbour list with vesin-torch, on the tensors' device (CPU or CUDA)."""
     try:
-        from vesin.torch import NeighborList
+        from vesin_torch import NeighborList
     except ImportError as error:  # its wheels are tied to torch versions
         raise ImportError(
             "the 'vesin-torch' neighbour-list backend needs the vesin-torch package "

@@ -17,8 +17,9 @@ def shifted_cosine_cutoff(r: Tensor, cutoff: float, width: float) -> Tensor:
 
 
 def polynomial_envelope(r: Tensor, cutoff: float, p: float = 6.0) -> Tensor:
-    """NequIP's polynomial envelope u(r/cutoff) (Klicpera et al.), zero with p-1
-    continuous derivatives at the cutoff; 0 beyond it."""
+    """NequIP's polynomial envelope u(r/cutoff) (Klicpera et al.): a triple root at
+    the cutoff, so u and its first two derivatives vanish there (not the third,
+    whatever p); 0 beyond it."""
     x = torch.clamp(r / cutoff, 0.0, 1.0)
     envelope = (
         1.0

@@ -1,0 +1,322 @@
+"""SOAP-BPNN: metatrain's hyperparameters, its power spectrum, per-species networks,
+last-layer features, dtypes and seeding."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import ase
+import numpy as np
+import pytest
+import torch
+
+from pes_calc import build_model, keys
+from pes_calc.architectures.soap_bpnn import DEFAULT_HYPERS
+from pes_calc.graph import edge_vectors
+from pes_calc.neighbors import atoms_to_graph
+from pes_calc.testing import random_rotation
+
+SMALL_SOAP = {"max_angular": 3, "max_radial": 3}
+
+
+def small_model(species=("Cu", "Ag"), **hypers):
+    hypers = {"soap": SMALL_SOAP, "model_dtype": "float64", "seed": 0, **hypers}
+    return build_model("soap_bpnn", list(species), **hypers).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return small_model()
+
+
+def graph_of(model, atoms, dtype=torch.float64):
+    return atoms_to_graph(atoms, model.species, model.cutoff, dtype=dtype)
+
+
+def cluster(symbols="CuAgCuCuAgCu", seed=0) -> ase.Atoms:
+    rng = np.random.default_rng(seed)
+    return ase.Atoms(
+        symbols, positions=rng.uniform(0.0, 3.5, size=(len(ase.Atoms(symbols)), 3))
+    )
+
+
+def bulk(symbols=("Cu", "Ag", "Cu", "Ag")) -> ase.Atoms:
+    atoms = ase.Atoms(
+        list(symbols),
+        scaled_positions=[[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
+        cell=np.eye(3) * 3.7,
+        pbc=True,
+    )
+    atoms.rattle(0.1, seed=3)
+    return atoms
+
+
+def linear_layers(network):
+    return [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
+
+
+# ------------------------------------------------------------ hyperparameters
+
+
+def test_default_hypers_are_metatrains():
+    assert DEFAULT_HYPERS["soap"] == {
+        "max_angular": 6,
+        "max_radial": 7,
+        "cutoff": {"radius": 5.0, "width": 0.5},
+    }
+    assert DEFAULT_HYPERS["bpnn"] == {
+        "num_hidden_layers": 2,
+        "num_neurons_per_layer": 32,
+        "layernorm": True,
+    }
+    assert DEFAULT_HYPERS["heads"] == {"energy": "mlp"}
+    assert DEFAULT_HYPERS["zbl"] is False
+    assert DEFAULT_HYPERS["long_range"]["enable"] is False
+
+    default = build_model("soap_bpnn", ["Cu"])
+    assert default.config["model"]["soap"] == DEFAULT_HYPERS["soap"]
+    architecture = default.architecture
+    assert architecture.cutoff == default.cutoff == 5.0
+    assert architecture.cutoff_width == 0.5
+    assert len(architecture.n_per_l) == 6 + 1  # l = 0..max_angular
+    assert architecture.n_per_l[0] == 7 + 1  # n = 0..max_radial
+    assert default.pair_potential is None
+    (network,) = architecture.network.networks
+    assert isinstance(network[0], torch.nn.LayerNorm)
+    widths = [
+        (layer.in_features, layer.out_features) for layer in linear_layers(network)
+    ]
+    # two hidden layers of 32, then the MLP head's one 32-wide layer
+    assert widths == [(architecture.soap_size, 32), (32, 32), (32, 32)]
+    assert architecture.last_layer.in_features == 32
+
+
+@pytest.mark.parametrize(
+    "hypers, name",
+    [
+        ({"soap": {"max_angualr": 3}}, "max_angualr"),
+        ({"bpnn": {"num_layers": 2}}, "num_layers"),
+        ({"layer_norm": True}, "layer_norm"),
+        ({"long_range": {"enabled": True}}, "enabled"),
+    ],
+)
+def test_unknown_hyperparameter_is_named(hypers, name):
+    with pytest.raises(ValueError, match=name):
+        build_model("soap_bpnn", ["Cu"], **hypers)
+
+
+def test_long_range_not_supported():
+    with pytest.raises(NotImplementedError, match="not yet supported"):
+        build_model("soap_bpnn", ["Cu"], soap=SMALL_SOAP, long_range={"enable": True})
+
+
+def test_unknown_head_type():
+    with pytest.raises(ValueError, match="heads.energy"):
+        small_model(heads={"energy": "transformer"})
+
+
+def test_heads_set_the_feature_width():
+    atoms = bulk()
+    soap_size = small_model().architecture.soap_size
+    widths = {}
+    for hidden in (0, 2):
+        for head in ("linear", "mlp"):
+            model = small_model(
+                bpnn={"num_hidden_layers": hidden, "num_neurons_per_layer": 16},
+                heads={"energy": head},
+            )
+            features = model(graph_of(model, atoms))[keys.LAST_LAYER_FEATURES]
+            width = model.architecture.features_per_species
+            assert features.shape == (len(atoms), 2 * width)
+            assert model.architecture.last_layer.in_features == 2 * width
+            layers = linear_layers(model.architecture.network.networks[0])
+            assert len(layers) == hidden + (head == "mlp")
+            widths[hidden, head] = width
+    # the MLP head maps to num_neurons_per_layer; a linear head reads the last
+    # hidden layer, or the power spectrum itself when there is none
+    assert widths == {
+        (0, "linear"): soap_size,
+        (0, "mlp"): 16,
+        (2, "linear"): 16,
+        (2, "mlp"): 16,
+    }
+
+
+# ------------------------------------------------------------ last-layer features
+
+
+def test_energies_are_last_layer_features_times_weights(model):
+    graph = graph_of(model, bulk())
+    raw, features = model.architecture(graph, edge_vectors(graph))
+    weights = model.architecture.last_layer.weight  # (1, T W)
+    torch.testing.assert_close(
+        raw, (features @ weights.T).squeeze(-1), rtol=1e-12, atol=1e-14
+    )
+    assert raw.abs().max() > 1e-3  # not trivially zero
+    # with unit scales, zero shifts and no ZBL the model's energies are the same
+    outputs = model(graph, False, False)
+    torch.testing.assert_close(outputs[keys.ENERGIES], raw, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(outputs[keys.LAST_LAYER_FEATURES], features)
+
+
+def test_per_type_scales_and_shifts():
+    scaled = small_model(
+        per_type_energy_scales=[2.0, 3.0], per_type_energy_shifts=[0.5, -1.0]
+    )
+    graph = graph_of(scaled, bulk())
+    raw, _ = scaled.architecture(graph, edge_vectors(graph))
+    sigma = torch.tensor([2.0, 3.0], dtype=torch.float64)[graph.species]
+    mu = torch.tensor([0.5, -1.0], dtype=torch.float64)[graph.species]
+    outputs = scaled(graph, False, False)
+    torch.testing.assert_close(outputs[keys.ENERGIES], sigma * raw + mu)
+    torch.testing.assert_close(
+        outputs[keys.ENERGY], outputs[keys.ENERGIES].sum().reshape(1)
+    )
+
+
+def test_features_live_in_their_species_block(model):
+    graph = graph_of(model, bulk())
+    features = model(graph, False, False)[keys.LAST_LAYER_FEATURES]
+    width = model.architecture.features_per_species
+    blocks = features.reshape(len(graph.species), 2, width)
+    for atom, species in enumerate(graph.species.tolist()):
+        assert torch.all(blocks[atom, 1 - species] == 0)
+        assert blocks[atom, species].abs().max() > 1e-6
+
+
+# ------------------------------------------------------------ per-species networks
+
+
+def test_one_network_per_species():
+    model = small_model()
+    assert len(model.architecture.network.networks) == 2
+    pure_cu = graph_of(model, bulk(("Cu",) * 4))
+    mixed = graph_of(model, bulk())
+    before_cu = model(pure_cu, False, False)[keys.ENERGY]
+    before_mixed = model(mixed, False, False)[keys.ENERGY]
+    with torch.no_grad():
+        for layer in linear_layers(model.architecture.network.networks[1]):  # Ag
+            layer.weight.add_(0.1)
+        width = model.architecture.features_per_species
+        model.architecture.last_layer.weight[:, width:].mul_(2.0)  # Ag block
+    torch.testing.assert_close(
+        model(pure_cu, False, False)[keys.ENERGY], before_cu, rtol=0, atol=0
+    )
+    after_mixed = model(mixed, False, False)[keys.ENERGY]
+    assert torch.abs(after_mixed - before_mixed).max() > 1e-4
+
+
+# ------------------------------------------------------------ power spectrum
+
+
+def power_spectrum(model, atoms):
+    architecture = model.architecture
+    graph = graph_of(model, atoms)
+    vectors = edge_vectors(graph)
+    return architecture._power_spectrum(architecture._density(graph, vectors))
+
+
+def test_power_spectrum_size(model):
+    architecture = model.architecture
+    n_per_l = architecture.n_per_l
+    assert len(n_per_l) == SMALL_SOAP["max_angular"] + 1
+    expected = sum(k * (k + 1) // 2 for k in (2 * n for n in n_per_l))
+    assert architecture.soap_size == expected
+    spectrum = power_spectrum(model, cluster())
+    assert spectrum.shape == (6, expected)
+    assert architecture.network.networks[0][0].normalized_shape == (expected,)
+
+
+def test_power_spectrum_rotation_invariant(model):
+    atoms = cluster()
+    rotated = atoms.copy()
+    rotated.positions = atoms.positions @ random_rotation(seed=5).T
+    reference = power_spectrum(model, atoms)
+    assert reference.abs().max() > 1e-3
+    torch.testing.assert_close(
+        power_spectrum(model, rotated), reference, rtol=1e-10, atol=1e-12
+    )
+    # but not blind to geometry: a different cluster has a different spectrum
+    assert (power_spectrum(model, cluster(seed=1)) - reference).abs().max() > 1e-3
+
+
+def test_power_spectrum_of_a_dimer(model):
+    """One Ag neighbour at r: p_l[(a,n),(a',n')] = [a=a'=Ag] f(r)² R_nl R_n'l (2l+1)/4π
+    for the Cu atom, upper triangle of the (species, n) pairs, l by l."""
+    architecture = model.architecture
+    r = 4.7  # inside the switching width of the cutoff
+    dimer = ase.Atoms("CuAg", positions=[[0, 0, 0], [0.6 * r, 0.8 * r, 0]])
+    spectrum = power_spectrum(model, dimer)[0]
+    length = torch.tensor([r], dtype=torch.float64)
+    f = 0.5 * (1 + math.cos(math.pi * (r - 4.5) / 0.5))
+    expected = []
+    for ell, radial in enumerate(architecture.radial(length)):
+        n = architecture.n_per_l[ell]
+        density = torch.zeros(2 * n, dtype=torch.float64)
+        density[n:] = f * radial[0]  # only the Ag (species 1) block
+        product = torch.outer(density, density) * (2 * ell + 1) / (4 * math.pi)
+        rows, cols = torch.triu_indices(2 * n, 2 * n)
+        expected.append(product[rows, cols])
+    torch.testing.assert_close(spectrum, torch.cat(expected), rtol=1e-10, atol=1e-14)
+
+
+# ------------------------------------------------------------ dtypes and seeds
+
+
+# measured: ~8e-6 without ZBL; ~1.1e-5 with it (its polynomial switch cancels
+# terms of order 30 down to 1e-3 near the covalent-radius sum in float32)
+@pytest.mark.parametrize("zbl, tolerance", [(False, 2e-5), (True, 5e-5)])
+def test_float32_and_float64_agree(zbl, tolerance):
+    """Same seed, two dtypes: outputs agree to ~1e-5 of their magnitude."""
+    atoms = bulk()
+    outputs = {}
+    for dtype in ("float32", "float64"):
+        model = small_model(model_dtype=dtype, zbl=zbl).eval()
+        result = model(graph_of(model, atoms, getattr(torch, dtype)))
+        for key in (keys.ENERGY, keys.FORCES, keys.STRESS):
+            assert result[key].dtype == getattr(torch, dtype)
+        outputs[dtype] = {k: v.detach().double().numpy() for k, v in result.items()}
+    for key in (keys.ENERGY, keys.ENERGIES, keys.FORCES, keys.STRESS):
+        single, double = outputs["float32"][key], outputs["float64"][key]
+        assert np.abs(double).max() > 0
+        np.testing.assert_allclose(
+            single, double, rtol=0, atol=tolerance * np.abs(double).max()
+        )
+
+
+def parameters_equal(a, b):
+    return all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
+
+
+def test_seed_reproducible_and_leaves_global_rng_alone():
+    hypers = {"soap": {"max_angular": 2, "max_radial": 2}}
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    first = build_model("soap_bpnn", ["Cu", "Ag"], seed=7, **hypers)
+    assert torch.equal(torch.get_rng_state(), state)
+    second = build_model("soap_bpnn", ["Cu", "Ag"], seed=7, **hypers)
+    other = build_model("soap_bpnn", ["Cu", "Ag"], seed=8, **hypers)
+    assert parameters_equal(first, second)
+    assert not parameters_equal(first, other)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.get_default_dtype() == torch.float32
+
+
+def test_unseeded_builds_differ():
+    """Without a seed each build draws fresh weights (e.g. for an ensemble)."""
+    hypers = {"soap": {"max_angular": 2, "max_radial": 2}}
+    first = build_model("soap_bpnn", ["Cu"], **hypers)
+    second = build_model("soap_bpnn", ["Cu"], **hypers)
+    assert not parameters_equal(first, second)
+
+
+def test_model_is_deep_copyable(model):
+    copied = copy.deepcopy(model)
+    graph = graph_of(model, bulk())
+    torch.testing.assert_close(
+        copied(graph)[keys.FORCES], model(graph)[keys.FORCES], rtol=0, atol=0
+    )
