@@ -7,11 +7,12 @@ error that lists the known ones, so a typo never silently falls back to a defaul
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, Mapping, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import torch
 from ase.data import atomic_numbers
 
+from pes_calc.nn.zbl import ZBL
 from pes_calc.potential import Potential
 
 # hyperparameters that every architecture accepts: they configure the `Potential`
@@ -30,9 +31,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def _registry() -> Dict[str, tuple[dict, Callable[..., Potential]]]:
     """Architecture name → (default hyperparameters, builder)."""
-    from pes_calc.architectures import soap_bpnn
+    from pes_calc.architectures import nequip, soap_bpnn
 
-    return {"soap_bpnn": (soap_bpnn.DEFAULT_HYPERS, soap_bpnn.build)}
+    return {
+        "soap_bpnn": (soap_bpnn.DEFAULT_HYPERS, soap_bpnn.build),
+        "nequip": (nequip.DEFAULT_HYPERS, nequip.build),
+    }
 
 
 def architecture_names() -> list[str]:
@@ -122,3 +126,16 @@ def potential_options(hypers: Mapping[str, Any]) -> Dict[str, Any]:
         "do_derivatives",
     ]
     return {key: hypers[key] for key in names}
+
+
+def pair_potential_from(
+    spec: Any, species: Sequence[str], cutoff: float
+) -> Optional[ZBL]:
+    """The pair potential named by a ``pair_potential`` hyperparameter: None, "ZBL",
+    or ``{"name": "ZBL", "units": "metal" | "real"}``."""
+    if spec is None:
+        return None
+    spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    if spec.get("name", "").upper() != "ZBL":
+        raise ValueError(f"unknown pair_potential {spec!r}; only ZBL is available")
+    return ZBL(species, cutoff, spec.get("units", "metal"))

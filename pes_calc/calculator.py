@@ -112,7 +112,10 @@ class PESCalculator(Calculator):
                 "stress needs a periodic cell with a volume; this structure has none"
             )
         graph = self._current_graph(atoms, system_changes)
-        outputs = self.model(graph, True, has_volume)
+        # TorchScript's profiling optimiser costs seconds of warm-up per new input
+        # shape and was no faster afterwards here (scoped: nothing global changes)
+        with torch.jit.optimized_execution(False):
+            outputs = self.model(graph, True, has_volume)
         self.results = self._to_results(outputs, has_volume)
 
     def _current_graph(

@@ -90,7 +90,11 @@ def compile_model(
         required_imports=REQUIRED_IMPORTS.get(metadata["architecture"], []),
         torch_version=torch.__version__,
     )
-    scripted = torch.jit.script(model)
+    # e3nn's script recursively traces the submodules it marks "trace" (its gate
+    # activations) and scripts the rest; plain torch.jit.script cannot do those
+    from e3nn.util.jit import script
+
+    scripted = script(model, in_place=True)
     torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
 
 

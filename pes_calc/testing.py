@@ -52,7 +52,8 @@ class Subject:
         return atoms_to_graph(atoms, self.species, self.cutoff)
 
     def __call__(self, graph: AtomicGraph, derivatives: bool = True) -> Dict:
-        outputs = self.model(graph, derivatives, derivatives)
+        with torch.jit.optimized_execution(False):  # as the calculator runs it
+            outputs = self.model(graph, derivatives, derivatives)
         return {k: v.detach().numpy() for k, v in outputs.items()}
 
     def energy(self, atoms: ase.Atoms) -> float:
@@ -138,8 +139,8 @@ def check_stress_finite_strain(subject: Subject) -> None:
 
 
 def check_invariances(subject: Subject) -> None:
-    """Energy invariant and forces equivariant under rotation, translation and
-    permutation (periodic and cluster)."""
+    """Energy invariant and forces equivariant under rotation, inversion, translation
+    and permutation (periodic and cluster)."""
     for atoms in (subject.bulk(), subject.cluster()):
         reference = subject(subject.graph(atoms))
         rotation = random_rotation(seed=3)
@@ -154,6 +155,13 @@ def check_invariances(subject: Subject) -> None:
             reference[keys.FORCES] @ rotation.T,
             1e-7,
         )
+        # parity: E(3) includes the inversion r → -r
+        inverted = atoms.copy()
+        inverted.positions = -atoms.positions
+        inverted.cell = -atoms.cell.array
+        outputs = subject(subject.graph(inverted))
+        _close("energy under inversion", outputs[keys.ENERGY], reference[keys.ENERGY], 1e-8)
+        _close("forces under inversion", outputs[keys.FORCES], -reference[keys.FORCES], 1e-7)
         translated = atoms.copy()
         translated.positions += np.array([0.3, -1.7, 2.2])
         outputs = subject(subject.graph(translated))

@@ -1,5 +1,7 @@
 """Scatter-sum: reduce per-edge (or per-atom) rows onto atoms (or structures)."""
 
+from typing import Optional, Sequence
+
 import torch
 from torch import Tensor
 
@@ -12,3 +14,21 @@ def scatter_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
     shape = [size] + list(values.shape[1:])
     out = torch.zeros(shape, dtype=values.dtype, device=values.device)
     return out.index_add(0, index, values)
+
+
+def neighbour_normalization(
+    species: Sequence[str], avg_num_neighbors: Optional[object]
+) -> Tensor:
+    """(T,) factors 1/√(avg_num_neighbors) per centre type (1 when not given)."""
+    if avg_num_neighbors is None:
+        values = [1.0] * len(species)
+    elif isinstance(avg_num_neighbors, dict):
+        missing = [s for s in species if s not in avg_num_neighbors]
+        if missing:
+            raise ValueError(f"avg_num_neighbors has no value for {', '.join(missing)}")
+        values = [float(avg_num_neighbors[s]) for s in species]
+    else:
+        values = [float(avg_num_neighbors)] * len(species)  # type: ignore[arg-type]
+    if min(values) <= 0:
+        raise ValueError("avg_num_neighbors must be positive")
+    return torch.tensor(values, dtype=torch.float64).rsqrt()
