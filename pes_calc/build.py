@@ -31,11 +31,12 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 def _registry() -> Dict[str, tuple[dict, Callable[..., Potential]]]:
     """Architecture name → (default hyperparameters, builder)."""
-    from pes_calc.architectures import nequip, soap_bpnn
+    from pes_calc.architectures import allegro, nequip, soap_bpnn
 
     return {
         "soap_bpnn": (soap_bpnn.DEFAULT_HYPERS, soap_bpnn.build),
         "nequip": (nequip.DEFAULT_HYPERS, nequip.build),
+        "allegro": (allegro.DEFAULT_HYPERS, allegro.build),
     }
 
 

@@ -1,0 +1,320 @@
+"""Allegro: strictly local equivariant edge model, two tracks (Musaelian et al. 2023).
+
+Hyperparameter names and defaults are nequip-allegro's ``AllegroModel``. Every edge
+ij carries scalar latents x_ij and tensor features V_ij (num_tensor_features
+channels of each irrep); all sums run over the neighbours k of the centre i only.
+
+| step | code | formula |
+|---|---|---|
+| two-body scalar embedding | `radial_chemical_embed` + `scalar_embed_mlp` | x⁰_ij = MLP(R(r_ij/r_c; t_i, t_j)) |
+| tensor embedding | `weighted_harmonics` | V⁰_ij = w(x⁰_ij) · Y(r̂_ij), per channel and irrep |
+| environment | `scatter_sum` | Γ_i = Σ_k w_ik(x_ik) · Y(r̂_ik) / √avg_num_neighbors |
+| tensor track | `tensor_products[k]` | V_ij ← V_ij ⊗ Γ_i, channel-wise ('uuu') |
+| scalar track | `latent_mlps[k]` | x^{k+1}_ij = MLP([x⁰..x^k, scalars of V_ij]) |
+| edge energy | `readout_hidden` → `last_layer` | ε_ij = w · h_ij, h_ij = MLP([x⁰..x^L]) |
+| atom energy | `Allegro.forward` | e_i = Σ_j ε_ij / √avg_num_neighbors |
+
+Every MLP is bias-free and the radial embedding carries the polynomial envelope, so
+every edge quantity goes smoothly to zero at its cutoff.
+"""
+
+import math
+from typing import Dict, List, Sequence, Tuple
+
+import torch
+from e3nn import o3
+from torch import Tensor, nn
+
+from pes_calc.build import merge_hypers, pair_potential_from, potential_options
+from pes_calc.graph import AtomicGraph, number_of_atoms
+from pes_calc.nn.cutoffs import polynomial_envelope
+from pes_calc.nn.mlp import MLP
+from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
+from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
+from pes_calc.potential import Architecture, Potential
+
+RADIAL_EMBEDS: Dict[str, dict] = {
+    "TwoBodyBesselScalarEmbed": {
+        "num_bessels": 8,
+        "bessel_trainable": False,
+        "polynomial_cutoff_p": 6,
+        "two_body_embedding_dim": 32,
+    },
+    "TwoBodySplineScalarEmbed": {
+        "num_splines": 8,
+        "spline_span": 3,
+        "polynomial_cutoff_p": 6,
+    },
+}
+
+DEFAULT_HYPERS: dict = {
+    "r_max": 5.0,
+    "l_max": 2,
+    "parity": True,
+    "num_layers": 2,
+    "num_scalar_features": 64,
+    "num_tensor_features": 16,
+    "radial_chemical_embed": None,  # None: TwoBodyBesselScalarEmbed with its defaults
+    "two_body_mlp_hidden_layers_depth": 2,
+    "two_body_mlp_hidden_layers_width": 64,
+    "two_body_mlp_nonlinearity": "silu",
+    "scalar_embed_output_dim": None,
+    "scalar_embed_mlp_hidden_layers_depth": 1,
+    "scalar_embed_mlp_hidden_layers_width": 64,
+    "scalar_embed_mlp_nonlinearity": "silu",
+    "allegro_mlp_hidden_layers_depth": 1,
+    "allegro_mlp_hidden_layers_width": 64,
+    "allegro_mlp_nonlinearity": "silu",
+    "tp_path_channel_coupling": True,
+    "readout_mlp_hidden_layers_depth": 1,
+    "readout_mlp_hidden_layers_width": 32,
+    "readout_mlp_nonlinearity": "silu",
+    "per_edge_type_cutoff": None,
+    "avg_num_neighbors": None,
+    "pair_potential": None,
+}
+
+
+class BesselEmbedding(nn.Module):
+    """TwoBodyBesselScalarEmbed: Bessel basis × envelope, projected and multiplied by
+    a learned embedding of the (centre, neighbour) type pair."""
+
+    def __init__(self, num_species: int, hypers: Dict):
+        super().__init__()
+        self.num_species = num_species
+        self.polynomial_cutoff_p = float(hypers["polynomial_cutoff_p"])
+        self.bessel = BesselBasis(hypers["num_bessels"], hypers["bessel_trainable"])
+        self.projection = nn.Linear(hypers["num_bessels"], hypers["two_body_embedding_dim"], bias=False)
+        self.pair_embedding = nn.Embedding(num_species * num_species, hypers["two_body_embedding_dim"])
+        self.out_features = int(hypers["two_body_embedding_dim"])
+
+    def forward(self, x: Tensor, species_i: Tensor, species_j: Tensor) -> Tensor:
+        envelope = polynomial_envelope(x, 1.0, self.polynomial_cutoff_p)
+        radial = self.projection(self.bessel(x) * envelope.unsqueeze(-1))
+        return radial * self.pair_embedding(species_i * self.num_species + species_j)
+
+
+class SplineEmbedding(nn.Module):
+    """TwoBodySplineScalarEmbed: per type-pair coefficients of uniform B-splines of
+    degree spline_span - 1 on x ∈ [0, 1], times the polynomial envelope."""
+
+    def __init__(self, num_species: int, hypers: Dict, out_features: int):
+        super().__init__()
+        self.num_species = num_species
+        self.num_splines = int(hypers["num_splines"])
+        self.degree = int(hypers["spline_span"]) - 1
+        if self.num_splines < 2 or self.degree < 1:
+            raise ValueError("TwoBodySplineScalarEmbed needs num_splines ≥ 2, spline_span ≥ 2")
+        self.polynomial_cutoff_p = float(hypers["polynomial_cutoff_p"])
+        self.out_features = out_features
+        self.coefficients = nn.Embedding(num_species * num_species, self.num_splines * out_features)
+        nn.init.uniform_(self.coefficients.weight, -math.sqrt(3.0 / self.degree), math.sqrt(3.0 / self.degree))
+        # cardinal B-spline of degree d = Σ_j (-1)^j C(d+1, j) (t - j)₊^d / d!
+        terms = [(-1.0) ** j * math.comb(self.degree + 1, j) / math.factorial(self.degree) for j in range(self.degree + 2)]
+        self.register_buffer("terms", torch.tensor(terms, dtype=torch.float64), persistent=False)
+
+    def forward(self, x: Tensor, species_i: Tensor, species_j: Tensor) -> Tensor:
+        spacing = 1.0 / (self.num_splines - 1)
+        centres = torch.arange(self.num_splines, dtype=x.dtype, device=x.device) * spacing
+        t = (x.unsqueeze(-1) - centres) / spacing + 0.5 * (self.degree + 1)  # (E, K)
+        shifts = torch.arange(self.degree + 2, dtype=x.dtype, device=x.device)
+        powers = torch.clamp(t.unsqueeze(-1) - shifts, min=0.0) ** self.degree  # (E, K, d+2)
+        basis = (powers * self.terms.to(x.dtype)).sum(-1)  # (E, K)
+        coefficients = self.coefficients(species_i * self.num_species + species_j)
+        coefficients = coefficients.view(-1, self.num_splines, self.out_features)
+        envelope = polynomial_envelope(x, 1.0, self.polynomial_cutoff_p)
+        return (basis.unsqueeze(-1) * coefficients).sum(1) * envelope.unsqueeze(-1)
+
+
+def weighted_harmonics(weights: Tensor, harmonics: Tensor, ls: List[int]) -> Tensor:
+    """Channels of weighted spherical harmonics in e3nn's layout.
+
+    ``weights`` (E, C, n_irreps) scales each irrep block of ``harmonics`` (E, Σ 2l+1)
+    per channel; the result has irreps ``C × ir₀ + C × ir₁ + ...`` (E, C Σ 2l+1).
+    """
+    blocks: List[Tensor] = []
+    start = 0
+    for index, l in enumerate(ls):
+        block = harmonics[:, start : start + 2 * l + 1]  # (E, 2l+1)
+        blocks.append((weights[:, :, index].unsqueeze(-1) * block.unsqueeze(1)).flatten(1))
+        start += 2 * l + 1
+    return torch.cat(blocks, dim=1)
+
+
+def tensor_track_irreps(
+    irreps_sh: o3.Irreps, allowed: o3.Irreps, num_layers: int
+) -> List[o3.Irreps]:
+    """Irreps of the tensor track before each layer and after the last (scalars only),
+    keeping only irreps that are reachable forwards and useful backwards."""
+    track = [irreps_sh]
+    for layer in range(num_layers):
+        wanted = o3.Irreps("0e") if layer == num_layers - 1 else allowed
+        track.append(o3.Irreps([
+            (1, ir) for _, ir in wanted
+            if any(ir in a * b for _, a in track[-1] for _, b in irreps_sh)
+        ]))
+    for layer in range(num_layers - 1, 0, -1):  # drop irreps no later path uses
+        track[layer] = o3.Irreps([
+            (1, a) for _, a in track[layer]
+            if any(out in a * b for _, b in irreps_sh for _, out in track[layer + 1])
+        ])
+    return track
+
+
+class Allegro(Architecture):
+    """Allegro energy model: per-atom energies and last-layer features."""
+
+    def __init__(self, species: Sequence[str], hypers: Dict):
+        super().__init__()
+        self.num_species = len(species)
+        self.cutoff = float(hypers["r_max"])
+        self.num_layers = int(hypers["num_layers"])
+        if self.num_layers < 1:
+            raise ValueError("Allegro needs num_layers ≥ 1")
+        scalars = int(hypers["num_scalar_features"])
+        channels = int(hypers["num_tensor_features"])
+        self.num_scalar_features = scalars
+        self.num_tensor_features = channels
+        self.edge_cutoffs = EdgeCutoffs(species, self.cutoff, hypers["per_edge_type_cutoff"])
+
+        embed = dict(hypers["radial_chemical_embed"] or {})
+        name = embed.pop("name", "TwoBodyBesselScalarEmbed")
+        if name not in RADIAL_EMBEDS:
+            raise ValueError(f"unknown radial_chemical_embed {name!r}; choose from {sorted(RADIAL_EMBEDS)}")
+        embed = merge_hypers(RADIAL_EMBEDS[name], embed, "radial_chemical_embed.")
+        embed_dim = hypers["scalar_embed_output_dim"] or scalars
+        if name == "TwoBodyBesselScalarEmbed":
+            radial = BesselEmbedding(self.num_species, embed)
+            two_body = MLP(
+                radial.out_features,
+                [hypers["two_body_mlp_hidden_layers_width"]] * hypers["two_body_mlp_hidden_layers_depth"],
+                embed_dim,
+                nonlinearity=hypers["two_body_mlp_nonlinearity"],
+            )
+        else:
+            radial = SplineEmbedding(self.num_species, embed, embed_dim)
+            two_body = nn.Sequential()
+        self.radial_embedding = radial
+        self.two_body_mlp = two_body
+        self.scalar_embed_mlp = MLP(
+            embed_dim,
+            [hypers["scalar_embed_mlp_hidden_layers_width"]] * hypers["scalar_embed_mlp_hidden_layers_depth"],
+            scalars,
+            nonlinearity=hypers["scalar_embed_mlp_nonlinearity"],
+        )
+
+        irreps_sh = o3.Irreps.spherical_harmonics(hypers["l_max"], p=-1)
+        self.spherical_harmonics = o3.SphericalHarmonics(irreps_sh, normalize=True, normalization="component")
+        self.ls: List[int] = [ir.l for _, ir in irreps_sh]
+        allowed = (
+            o3.Irreps([(1, (l, p)) for l in range(hypers["l_max"] + 1) for p in (1, -1)])
+            if hypers["parity"]
+            else irreps_sh
+        )
+        track = tensor_track_irreps(irreps_sh, allowed, self.num_layers)
+        env_weights = channels * len(self.ls)
+        self.tensor_embedding = nn.Linear(scalars, env_weights, bias=False)
+        self.first_env_weights = nn.Linear(scalars, env_weights, bias=False)
+
+        coupling = bool(hypers["tp_path_channel_coupling"])
+        latent_hidden = [hypers["allegro_mlp_hidden_layers_width"]] * hypers["allegro_mlp_hidden_layers_depth"]
+        tensor_products, latent_mlps = [], []
+        env_irreps = o3.Irreps([(channels, ir) for _, ir in irreps_sh])
+        for layer in range(self.num_layers):
+            arg_irreps = o3.Irreps([(channels, ir) for _, ir in track[layer]])
+            out_irreps = o3.Irreps([(channels, ir) for _, ir in track[layer + 1]])
+            instructions = [
+                (i1, i2, i_out, "uuu", True)
+                for i1, (_, a) in enumerate(arg_irreps)
+                for i2, (_, b) in enumerate(env_irreps)
+                for i_out, (_, out) in enumerate(out_irreps)
+                if out in a * b
+            ]
+            tensor_products.append(ChannelTensorProduct(arg_irreps, env_irreps, out_irreps, instructions, coupling))
+            last = layer == self.num_layers - 1
+            latent_mlps.append(MLP(
+                scalars * (layer + 1) + channels,
+                latent_hidden,
+                scalars + (0 if last else env_weights),
+                nonlinearity=hypers["allegro_mlp_nonlinearity"],
+            ))
+        self.tensor_products = nn.ModuleList(tensor_products)
+        self.latent_mlps = nn.ModuleList(latent_mlps)
+
+        readout_width = hypers["readout_mlp_hidden_layers_width"]
+        readout_depth = hypers["readout_mlp_hidden_layers_depth"]
+        self.readout_hidden = MLP(
+            scalars * (self.num_layers + 1),
+            [readout_width] * readout_depth,
+            nonlinearity=hypers["readout_mlp_nonlinearity"],
+        )
+        self.last_layer = nn.Linear(readout_width if readout_depth else scalars * (self.num_layers + 1), 1, bias=False)
+        self.register_buffer(
+            "neighbour_normalization",
+            neighbour_normalization(species, hypers["avg_num_neighbors"]),
+            persistent=False,
+        )
+
+    def forward(self, graph: AtomicGraph, vectors: Tensor) -> Tuple[Tensor, Tensor]:
+        """Raw per-atom energies (N,) and last-layer features (N, F)."""
+        i, j = graph.edge_index[0], graph.edge_index[1]
+        species_i, species_j = graph.species[i], graph.species[j]
+        num_atoms = number_of_atoms(graph)
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)
+        x = self.edge_cutoffs.normalized_lengths(lengths, species_i, species_j)
+        normalization = self.neighbour_normalization.to(vectors.dtype)[graph.species]
+
+        embedding = self.two_body_mlp(self.radial_embedding(x, species_i, species_j))
+        latents = self.scalar_embed_mlp(embedding)  # (E, S)
+        harmonics = self.spherical_harmonics(vectors)  # (E, Σ 2l+1)
+        num_edges, channels = harmonics.shape[0], self.num_tensor_features
+        tensors = weighted_harmonics(
+            self.tensor_embedding(latents).view(num_edges, channels, len(self.ls)), harmonics, self.ls
+        )
+        env_weights = self.first_env_weights(latents)
+        accumulated = [latents]
+        for layer, (tensor_product, latent_mlp) in enumerate(zip(self.tensor_products, self.latent_mlps)):
+            edge_env = weighted_harmonics(env_weights.view(num_edges, channels, len(self.ls)), harmonics, self.ls)
+            environment = scatter_sum(edge_env, i, num_atoms) * normalization.unsqueeze(-1)
+            tensors = tensor_product(tensors, environment[i])
+            # the first C entries are the 0e channels: scalars of the tensor track
+            new = latent_mlp(torch.cat(accumulated + [tensors[:, :channels]], dim=-1))
+            accumulated.append(new[:, : self.num_scalar_features])
+            if layer < self.num_layers - 1:
+                env_weights = new[:, self.num_scalar_features :]
+        edge_features = self.readout_hidden(torch.cat(accumulated, dim=-1))  # (E, W)
+        features = scatter_sum(edge_features, i, num_atoms) * normalization.unsqueeze(-1)
+        return self.last_layer(features).squeeze(-1), features
+
+
+class ChannelTensorProduct(nn.Module):
+    """Channel-wise ('uuu') tensor product whose path weights are per (path, channel)
+    with ``tp_path_channel_coupling``, else one weight per path shared by channels."""
+
+    def __init__(self, irreps_1: o3.Irreps, irreps_2: o3.Irreps, irreps_out: o3.Irreps, instructions: list, coupling: bool):
+        super().__init__()
+        self.coupling = coupling
+        self.tensor_product = o3.TensorProduct(
+            irreps_1, irreps_2, irreps_out, instructions,
+            internal_weights=coupling, shared_weights=True,
+        )
+        self.channels = irreps_out[0].mul
+        num_paths = len(instructions)
+        self.path_weights = nn.Parameter(torch.randn(0 if coupling else num_paths))
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        if self.coupling:
+            return self.tensor_product(x, y)
+        weight = self.path_weights.repeat_interleave(self.channels)
+        return self.tensor_product(x, y, weight)
+
+
+def build(species: Sequence[str], hypers: Dict) -> Potential:
+    """An Allegro `Potential` from merged hyperparameters (see ``DEFAULT_HYPERS``)."""
+    architecture = Allegro(species, hypers)
+    return Potential(
+        architecture,
+        species,
+        pair_potential=pair_potential_from(hypers["pair_potential"], species, architecture.cutoff),
+        **potential_options(hypers),
+    )
