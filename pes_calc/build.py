@@ -6,14 +6,15 @@ error that lists the known ones, so a typo never silently falls back to a defaul
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from typing import Any, Callable, Dict, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
 
 import torch
 from ase.data import atomic_numbers
 
 from pes_calc.nn.zbl import ZBL
-from pes_calc.potential import Potential
+from pes_calc.potential import Architecture, Potential
 
 # hyperparameters that every architecture accepts: they configure the `Potential`
 POTENTIAL_DEFAULTS: Dict[str, Any] = {
@@ -29,15 +30,42 @@ POTENTIAL_DEFAULTS: Dict[str, Any] = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _registry() -> Dict[str, tuple[dict, Callable[..., Potential]]]:
-    """Architecture name → (default hyperparameters, builder)."""
+def _registry() -> Dict[str, tuple[dict, Callable[..., Architecture]]]:
+    """Architecture name → (default hyperparameters, architecture class)."""
     from pes_calc.architectures import allegro, nequip, soap_bpnn
 
     return {
-        "soap_bpnn": (soap_bpnn.DEFAULT_HYPERS, soap_bpnn.build),
-        "nequip": (nequip.DEFAULT_HYPERS, nequip.build),
-        "allegro": (allegro.DEFAULT_HYPERS, allegro.build),
+        "soap_bpnn": (soap_bpnn.DEFAULT_HYPERS, soap_bpnn.SoapBpnn),
+        "nequip": (nequip.DEFAULT_HYPERS, nequip.NequIP),
+        "allegro": (allegro.DEFAULT_HYPERS, allegro.Allegro),
     }
+
+
+@contextlib.contextmanager
+def float64_default() -> Iterator[None]:
+    """Construct modules in float64, then cast: constants computed at construction
+    (e3nn's Clebsch-Gordan coefficients, torch-spex's spline tables) follow torch's
+    default dtype, and a float32 build would leave a float64 model accurate (and
+    equivariant) to ~1e-8 only. The caller's default is restored afterwards."""
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(default_dtype)
+
+
+def _build(architecture_class: Callable[..., Architecture], species: list, hypers: dict) -> Potential:
+    """Architecture + pair potential + per-type scales and shifts → `Potential`."""
+    architecture = architecture_class(species, hypers)
+    # soap_bpnn has metatrain's boolean `zbl`; nequip and allegro a `pair_potential`
+    spec = "ZBL" if hypers.get("zbl") else hypers.get("pair_potential")
+    return Potential(
+        architecture,
+        species,
+        pair_potential=pair_potential_from(spec, species, architecture.cutoff),
+        **potential_options(hypers),
+    )
 
 
 def architecture_names() -> list[str]:
@@ -101,17 +129,18 @@ def build_model(
     if unknown or len(set(species)) != len(species):
         raise ValueError(f"species must be distinct chemical symbols, got {species}")
 
-    defaults, builder = registry[name]
+    defaults, architecture_class = registry[name]
     merged = merge_hypers({**defaults, **POTENTIAL_DEFAULTS}, hypers)
     if merged["model_dtype"] not in DTYPES:
         raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}")
     config = {"name": name, "species": species, "model": merged}
-    if merged["seed"] is None:  # initialised from (and advancing) the global RNG
-        model = builder(species, merged)
-    else:
-        with torch.random.fork_rng(devices=[]):  # a seed leaves the caller's RNG alone
-            torch.manual_seed(int(merged["seed"]))
-            model = builder(species, merged)
+    with float64_default():
+        if merged["seed"] is None:  # initialised from (and advancing) the global RNG
+            model = _build(architecture_class, species, merged)
+        else:
+            with torch.random.fork_rng(devices=[]):  # leaves the caller's RNG alone
+                torch.manual_seed(int(merged["seed"]))
+                model = _build(architecture_class, species, merged)
     model.config = config
     # inference is the default use; the trainer switches to .train() itself
     return model.to(DTYPES[merged["model_dtype"]]).eval()
@@ -137,6 +166,9 @@ def pair_potential_from(
     if spec is None:
         return None
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
-    if spec.get("name", "").upper() != "ZBL":
+    if str(spec.get("name", "")).upper() != "ZBL":
         raise ValueError(f"unknown pair_potential {spec!r}; only ZBL is available")
+    unknown = sorted(set(spec) - {"name", "units"})
+    if unknown:  # a misspelt "units" must not silently fall back to metal units
+        raise ValueError(f"unknown pair_potential keys {unknown}; known: name, units")
     return ZBL(species, cutoff, spec.get("units", "metal"))

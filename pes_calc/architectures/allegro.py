@@ -25,13 +25,13 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-from pes_calc.build import merge_hypers, pair_potential_from, potential_options
+from pes_calc.build import merge_hypers
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
 from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
-from pes_calc.potential import Architecture, Potential
+from pes_calc.potential import Architecture
 
 RADIAL_EMBEDS: Dict[str, dict] = {
     "TwoBodyBesselScalarEmbed": {
@@ -120,6 +120,9 @@ class SplineEmbedding(nn.Module):
         shifts = torch.arange(self.degree + 2, dtype=x.dtype, device=x.device)
         powers = torch.clamp(t.unsqueeze(-1) - shifts, min=0.0) ** self.degree  # (E, K, d+2)
         basis = (powers * self.terms.to(x.dtype)).sum(-1)  # (E, K)
+        # beyond its support (t ≥ d + 1) the truncated-power sum is zero only up to
+        # rounding of terms ~ t^d (1e-3 in float32 for 32 splines): make it exact
+        basis = torch.where(t < self.degree + 1, basis, torch.zeros_like(basis))
         coefficients = self.coefficients(species_i * self.num_species + species_j)
         coefficients = coefficients.view(-1, self.num_splines, self.out_features)
         envelope = polynomial_envelope(x, 1.0, self.polynomial_cutoff_p)
@@ -308,13 +311,3 @@ class ChannelTensorProduct(nn.Module):
         weight = self.path_weights.repeat_interleave(self.channels)
         return self.tensor_product(x, y, weight)
 
-
-def build(species: Sequence[str], hypers: Dict) -> Potential:
-    """An Allegro `Potential` from merged hyperparameters (see ``DEFAULT_HYPERS``)."""
-    architecture = Allegro(species, hypers)
-    return Potential(
-        architecture,
-        species,
-        pair_potential=pair_potential_from(hypers["pair_potential"], species, architecture.cutoff),
-        **potential_options(hypers),
-    )

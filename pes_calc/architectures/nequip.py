@@ -20,13 +20,12 @@ from e3nn import o3
 from e3nn.nn import Gate
 from torch import Tensor, nn
 
-from pes_calc.build import pair_potential_from, potential_options
 from pes_calc.graph import AtomicGraph
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
 from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
-from pes_calc.potential import Architecture, Potential
+from pes_calc.potential import Architecture
 
 DEFAULT_HYPERS: dict = {
     "r_max": 5.0,
@@ -208,13 +207,3 @@ class NequIP(Architecture):
         features = self.readout_hidden(features)
         return self.last_layer(features).squeeze(-1), features
 
-
-def build(species: Sequence[str], hypers: Dict) -> Potential:
-    """A NequIP `Potential` from merged hyperparameters (see ``DEFAULT_HYPERS``)."""
-    architecture = NequIP(species, hypers)
-    return Potential(
-        architecture,
-        species,
-        pair_potential=pair_potential_from(hypers["pair_potential"], species, architecture.cutoff),
-        **potential_options(hypers),
-    )

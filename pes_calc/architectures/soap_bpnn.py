@@ -24,13 +24,12 @@ from spex.angular import SphericalHarmonics
 from spex.radial import LaplacianEigenstates
 from torch import Tensor, nn
 
-from pes_calc.build import potential_options
+from pes_calc.build import float64_default
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import shifted_cosine_cutoff
 from pes_calc.nn.mlp import MLP, PerSpecies, species_groups
 from pes_calc.nn.scatter import scatter_sum
-from pes_calc.nn.zbl import ZBL
-from pes_calc.potential import Architecture, Potential
+from pes_calc.potential import Architecture
 
 DEFAULT_HYPERS: dict = {
     "soap": {"max_angular": 6, "max_radial": 7, "cutoff": {"radius": 5.0, "width": 0.5}},
@@ -56,27 +55,23 @@ def _laplacian_eigenstates(
     torch-spex stores its spline tables in the default dtype; build them in float64
     so that float64 models get exact tables, restoring the caller's default after.
     """
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
+    with float64_default():
         return LaplacianEigenstates(
             cutoff=cutoff, max_angular=max_angular, max_radial=max_radial
         )
-    finally:
-        torch.set_default_dtype(previous)
 
 
 class SoapBpnn(Architecture):
     """SOAP power spectrum + Behler–Parrinello per-species networks."""
 
-    def __init__(
-        self,
-        species: Sequence[str],
-        soap: Dict,
-        bpnn: Dict,
-        heads: Dict[str, str],
-    ):
+    def __init__(self, species: Sequence[str], hypers: Dict):
         super().__init__()
+        if hypers["long_range"]["enable"]:
+            raise NotImplementedError(
+                "long_range is not yet supported by pes_calc's SOAP-BPNN; "
+                "set long_range.enable to false"
+            )
+        soap, bpnn, heads = hypers["soap"], hypers["bpnn"], hypers["heads"]
         self.num_species = len(species)
         self.cutoff = float(soap["cutoff"]["radius"])
         self.cutoff_width = float(soap["cutoff"]["width"])
@@ -168,16 +163,3 @@ class SoapBpnn(Architecture):
             blocks.append(product.index_select(1, triangle))
         return torch.cat(blocks, dim=1)
 
-
-def build(species: Sequence[str], hypers: Dict) -> Potential:
-    """A SOAP-BPNN `Potential` from merged hyperparameters (see ``DEFAULT_HYPERS``)."""
-    if hypers["long_range"]["enable"]:
-        raise NotImplementedError(
-            "long_range is not yet supported by pes_calc's SOAP-BPNN; "
-            "set long_range.enable to false"
-        )
-    architecture = SoapBpnn(species, hypers["soap"], hypers["bpnn"], hypers["heads"])
-    zbl = ZBL(species, architecture.cutoff, "metal") if hypers["zbl"] else None
-    return Potential(
-        architecture, species, pair_potential=zbl, **potential_options(hypers)
-    )
