@@ -68,10 +68,6 @@ def _build(architecture_class: Callable[..., Architecture], species: list, hyper
     )
 
 
-def architecture_names() -> list[str]:
-    """Names accepted by `build_model`."""
-    return sorted(_registry())
-
 
 def merge_hypers(defaults: Mapping, given: Mapping, where: str = "") -> dict:
     """Deep-merge ``given`` over ``defaults``; unknown keys raise ``ValueError``."""

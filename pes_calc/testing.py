@@ -101,20 +101,27 @@ def _close(name: str, actual, expected, atol: float, rtol: float = 1e-6) -> None
         raise PotentialCheckError(f"{name}: max deviation {error} (atol {atol})")
 
 
+def numerical_forces(
+    energy: Callable[[ase.Atoms], float], atoms: ase.Atoms, h: float = 1e-4
+) -> np.ndarray:
+    """(N, 3) forces -dE/dR by central differences of ``energy`` with step h (Å)."""
+    forces = np.zeros((len(atoms), 3))
+    for i in range(len(atoms)):
+        for k in range(3):
+            energies = []
+            for step in (h, -h):
+                displaced = atoms.copy()
+                displaced.positions[i, k] += step
+                energies.append(energy(displaced))
+            forces[i, k] = -(energies[0] - energies[1]) / (2 * h)
+    return forces
+
+
 def check_forces_finite_differences(subject: Subject) -> None:
     """Forces equal -dE/dR by central differences (h = 1e-4 Å), all periodicities."""
-    h = 1e-4
     for atoms in (subject.bulk(), subject.slab(), subject.cluster()):
         forces = subject(subject.graph(atoms))[keys.FORCES]
-        numerical = np.zeros_like(forces)
-        for i in range(len(atoms)):
-            for k in range(3):
-                energies = []
-                for step in (h, -h):
-                    displaced = atoms.copy()
-                    displaced.positions[i, k] += step
-                    energies.append(subject.energy(displaced))
-                numerical[i, k] = -(energies[0] - energies[1]) / (2 * h)
+        numerical = numerical_forces(subject.energy, atoms)
         _close(f"forces vs finite differences ({atoms.pbc})", forces, numerical, 1e-5)
 
 

@@ -265,21 +265,14 @@ SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignor
 # forces of a rattled 4-atom Cu cell against central differences of the energy;
 # ``forces(atoms)`` and ``energy(atoms)`` are defined by the code placed before it
 FINITE_DIFFERENCES = """
+from pes_calc.testing import numerical_forces
+
 atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
 atoms.rattle(0.1, seed=1)
 
 def max_error():
     analytic = forces(atoms)
-    numerical = np.zeros_like(analytic)
-    h = 1e-4
-    for i in range(len(atoms)):
-        for k in range(3):
-            energies = []
-            for step in (h, -h):
-                displaced = atoms.copy()
-                displaced.positions[i, k] += step
-                energies.append(energy(displaced))
-            numerical[i, k] = -(energies[0] - energies[1]) / (2 * h)
+    numerical = numerical_forces(energy, atoms)
     return float(np.abs(analytic - numerical).max()), float(np.abs(numerical).max())
 """
 

@@ -17,6 +17,8 @@ from click.testing import CliRunner
 from e3nn import o3
 from e3nn.util.test import assert_equivariant, equivariance_error
 
+from helpers import bulk, run
+
 from pes_calc import build_model, keys, save_model
 from pes_calc.architectures.nequip import DEFAULT_HYPERS, hidden_irreps
 from pes_calc.cli import main as cli
@@ -40,22 +42,6 @@ def small_model(species=("Cu", "Ag"), **hypers):
     return build_model("nequip", list(species), **{**SMALL, **hypers})
 
 
-def run(model, atoms, derivatives=True):
-    dtype = next(iter(model.state_dict().values())).dtype
-    graph = atoms_to_graph(atoms, model.species, model.cutoff, dtype=dtype)
-    outputs = model(graph, derivatives, derivatives)
-    return {k: v.detach().numpy() for k, v in outputs.items()}
-
-
-def bulk(symbols=("Cu", "Ag", "Cu", "Ag")) -> ase.Atoms:
-    atoms = ase.Atoms(
-        list(symbols),
-        scaled_positions=[[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
-        cell=np.eye(3) * 3.7,
-        pbc=True,
-    )
-    atoms.rattle(0.1, seed=3)
-    return atoms
 
 
 def cluster(symbols="CuAgCuCuAg", seed=0) -> ase.Atoms:

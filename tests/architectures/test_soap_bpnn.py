@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import bulk
+
 from pes_calc import build_model, keys
 from pes_calc.architectures.soap_bpnn import DEFAULT_HYPERS
 from pes_calc.graph import edge_vectors
@@ -40,16 +42,6 @@ def cluster(symbols="CuAgCuCuAgCu", seed=0) -> ase.Atoms:
         symbols, positions=rng.uniform(0.0, 3.5, size=(len(ase.Atoms(symbols)), 3))
     )
 
-
-def bulk(symbols=("Cu", "Ag", "Cu", "Ag")) -> ase.Atoms:
-    atoms = ase.Atoms(
-        list(symbols),
-        scaled_positions=[[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]],
-        cell=np.eye(3) * 3.7,
-        pbc=True,
-    )
-    atoms.rattle(0.1, seed=3)
-    return atoms
 
 
 def linear_layers(network):
