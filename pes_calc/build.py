@@ -142,6 +142,22 @@ def build_model(
     return model.to(DTYPES[merged["model_dtype"]]).eval()
 
 
+def cutoff_of(name: str, hypers: Mapping[str, Any]) -> float:
+    """The cutoff radius (Å) a model built from ``hypers`` will have, without
+    building it (the trainer needs it to make graphs before the statistics that
+    other hyperparameters may reference)."""
+    registry = _registry()
+    if name not in registry:
+        raise ValueError(
+            f"unknown architecture {name!r}; choose from {', '.join(sorted(registry))}"
+        )
+    merged = merge_hypers({**registry[name][0], **POTENTIAL_DEFAULTS}, hypers)
+    radius = merged["soap"]["cutoff"]["radius"] if name == "soap_bpnn" else merged["r_max"]
+    if not isinstance(radius, (int, float)):
+        raise ValueError(f"the cutoff of a {name} model must be a number, got {radius!r}")
+    return float(radius)
+
+
 def potential_options(hypers: Mapping[str, Any]) -> Dict[str, Any]:
     """The `Potential` keyword arguments among merged hyperparameters."""
     names = [

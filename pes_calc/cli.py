@@ -107,3 +107,166 @@ def info_command(model: Path, as_json: bool) -> None:
     click.echo("  hyperparameters:")
     for line in json.dumps(metadata["model"], indent=2).splitlines()[1:-1]:
         click.echo(f"  {line}")
+
+
+@main.command("md")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "structure", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--index", default="0", show_default=True,
+              help="Frame of STRUCTURE to start from (ASE index, e.g. -1).")
+@click.option("--ensemble", type=click.Choice(["nve", "nvt", "npt"]), default="nve",
+              show_default=True)
+@click.option("--temperature", type=float, default=300.0, show_default=True,
+              help="Initial velocities and thermostat target, K.")
+@click.option("--steps", type=click.IntRange(min=0), default=1000, show_default=True)
+@click.option("--timestep", type=float, default=1.0, show_default=True, help="fs.")
+@click.option("--thermostat", type=click.Choice(["langevin", "bussi"]),
+              default="langevin", show_default=True, help="NVT thermostat.")
+@click.option("--friction", type=float, default=0.01, show_default=True,
+              help="Langevin friction, 1/fs.")
+@click.option("--tdamp", type=float, default=None,
+              help="Thermostat time constant (bussi, npt), fs [100 timesteps].")
+@click.option("--pdamp", type=float, default=None,
+              help="Barostat time constant (npt), fs [1000 timesteps].")
+@click.option("--pressure", type=float, default=0.0, show_default=True,
+              help="External pressure for npt, GPa.")
+@click.option("--trajectory", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="Write frames to this .traj or .xyz file.")
+@click.option("--trajectory-interval", type=click.IntRange(min=1), default=10,
+              show_default=True)
+@click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write step, time, energies, T (and volume) to this file.")
+@click.option("--log-interval", type=click.IntRange(min=1), default=10,
+              show_default=True)
+@click.option("--device", default=None, help="cpu or cuda [cuda when available].")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+              help="Float type to run in (default: the model's).")
+@click.option("--seed", type=int, default=None, help="Seed of velocities and noise.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (1 is fastest for small cells on a busy CPU).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def md_command(
+    model: Path, structure: Path, index: str, ensemble: str, temperature: float,
+    steps: int, timestep: float, thermostat: str, friction: float,
+    tdamp: float | None, pdamp: float | None, pressure: float,
+    trajectory: Path | None, trajectory_interval: int, log: Path | None,
+    log_interval: int, device: str | None, dtype: str | None, seed: int | None,
+    threads: int | None, quiet: bool,
+) -> None:
+    """Run molecular dynamics with MODEL on STRUCTURE (any ASE-readable file).
+
+    MODEL is a .safetensors model or a compiled .pt. Prints a summary at the end.
+    """
+    import ase.io
+
+    from pes_calc.calculator import PESCalculator
+    from pes_calc.io import ModelFileError
+    from pes_calc.md import run_md
+
+    if (device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda was asked for but no CUDA GPU is visible")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        atoms = ase.io.read(structure, index=index)
+    except Exception as error:  # ASE raises many kinds for unreadable files
+        raise click.ClickException(
+            f"could not read frame {index} of {structure} as a structure "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(atoms, ase.Atoms):
+        raise click.ClickException(f"--index {index} selects more than one frame")
+    try:
+        calculator = PESCalculator(
+            model, device=device, dtype=DTYPES[dtype] if dtype else None
+        )
+        summary = run_md(
+            atoms, calculator, ensemble=ensemble, temperature=temperature,
+            steps=steps, timestep=timestep, thermostat=thermostat, friction=friction,
+            tdamp=tdamp, pdamp=pdamp, pressure=pressure, trajectory=trajectory,
+            trajectory_interval=trajectory_interval, log=log,
+            log_interval=log_interval, progress=not quiet, seed=seed,
+        )
+    except (ModelFileError, ValueError, NotImplementedError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(str(summary))
+    for name, path in (("trajectory", trajectory), ("log", log)):
+        if path is not None:
+            click.echo(f"  {name:<18} {path}")
+
+
+@main.command("train")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
+    required=True, help="Run directory: model.safetensors, checkpoint.pt, train.csv.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
+def train_command(config: Path, outdir: Path, quiet: bool) -> None:
+    """Train the model described by CONFIG (YAML); rerun to resume."""
+    from pes_calc.io import ModelFileError
+    from pes_calc.neighbors import UnknownSpeciesError
+    from pes_calc.train import DatasetError, TrainingConfigError, load_config, train
+
+    try:
+        result = train(load_config(config), outdir, progress=not quiet)
+    except (TrainingConfigError, DatasetError, ModelFileError, UnknownSpeciesError,
+            ValueError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(
+        f"wrote {result.model_path} (best epoch {result.best_epoch}, "
+        f"{result.training_time_s:.0f} s)"
+    )
+
+
+@main.command("eval")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write parity plots to this image file.")
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--energy-key", default="energy", show_default=True)
+@click.option("--forces-key", default="forces", show_default=True)
+@click.option("--stress-key", default="stress", show_default=True)
+def eval_command(
+    model: Path, data: Path, as_json: bool, plot: Path | None, batch_size: int,
+    device: str, energy_key: str, forces_key: str, stress_key: str,
+) -> None:
+    """Errors of MODEL (.safetensors or compiled .pt) on the labelled DATA file."""
+    from pes_calc.compile import load_artefact
+    from pes_calc.io import ModelFileError
+    from pes_calc.neighbors import UnknownSpeciesError
+    from pes_calc.train import DatasetError, LabelKeys, evaluate, load_graphs, parity_plot
+
+    try:
+        module, metadata = load_artefact(model, device)
+        graphs = load_graphs(
+            data, metadata["species"], metadata["cutoff"],
+            LabelKeys(energy_key, forces_key, stress_key),
+        )
+        dtype = DTYPES[metadata["dtype"]]
+        evaluation = evaluate(module, graphs, batch_size=batch_size, device=device,
+                              dtype=dtype)
+    except (ModelFileError, DatasetError, UnknownSpeciesError, NotImplementedError) as error:
+        raise click.ClickException(str(error)) from error
+    metrics = evaluation.metrics()
+    if plot is not None:
+        parity_plot(evaluation, str(plot), title=f"{model.name} on {data.name}")
+    if as_json:
+        click.echo(json.dumps(metrics, indent=2))
+        return
+    click.echo(f"{model} on {data} ({metrics['num_structures']} structures)")
+    units = {"energy_per_atom": ("meV/atom", 1e3), "forces": ("meV/Å", 1e3),
+             "stress": ("meV/Å³", 1e3)}
+    for name, (unit, factor) in units.items():
+        if f"{name}_rmse" in metrics:
+            click.echo(
+                f"  {name:<16} RMSE {factor * metrics[f'{name}_rmse']:10.3f}  "
+                f"MAE {factor * metrics[f'{name}_mae']:10.3f}  {unit}"
+            )
+    if plot is not None:
+        click.echo(f"  parity plot: {plot}")

@@ -12,7 +12,7 @@ function over the graph, so the graph stays a plain TorchScript record.
 """
 
 
-from typing import List, NamedTuple
+from typing import Dict, List, NamedTuple
 
 import torch
 from torch import Tensor
@@ -39,6 +39,10 @@ class AtomicGraph(NamedTuple):
     """(E, 3) float: integer cell shifts S with r_ij = R_j - R_i + S @ cell."""
     structure_index: Tensor
     """(N,) int64: which structure each atom belongs to, sorted ascending."""
+    properties: Dict[str, Tensor]
+    """Labels for training and evaluation, empty at inference: ``"energy"`` (S,) eV,
+    ``"forces"`` (N, 3) eV/Å, ``"stress"`` (S, 3, 3) eV/Å³. A value missing for some
+    structure or atom is NaN there, so batches of mixed data keep one shape."""
 
 
 def number_of_atoms(graph: AtomicGraph) -> int:
@@ -89,13 +93,19 @@ def with_positions_and_cell(
         edge_index=graph.edge_index,
         edge_cell_shifts=graph.edge_cell_shifts,
         structure_index=graph.structure_index,
+        properties=graph.properties,
     )
 
 
 def batch_graphs(graphs: List[AtomicGraph]) -> AtomicGraph:
-    """Join several graphs into one, offsetting atom and structure indices."""
+    """Join several graphs into one, offsetting atom and structure indices.
+
+    All graphs must carry the same label names (a dataset fills gaps with NaN)."""
     if len(graphs) == 0:
         raise ValueError("batch_graphs needs at least one graph")
+    names = set(graphs[0].properties)
+    if any(set(g.properties) != names for g in graphs):
+        raise ValueError("batch_graphs needs graphs that carry the same properties")
     atom_offset = 0
     structure_offset = 0
     edge_indices: List[Tensor] = []
@@ -113,6 +123,11 @@ def batch_graphs(graphs: List[AtomicGraph]) -> AtomicGraph:
         edge_index=torch.cat(edge_indices, dim=1),
         edge_cell_shifts=torch.cat([g.edge_cell_shifts for g in graphs]),
         structure_index=torch.cat(structure_indices),
+        # per-atom and per-structure labels both stack along their first axis
+        properties={
+            name: torch.cat([g.properties[name] for g in graphs])
+            for name in graphs[0].properties
+        },
     )
 
 
@@ -128,4 +143,10 @@ def graph_to(
         edge_index=graph.edge_index.to(device=device),
         edge_cell_shifts=graph.edge_cell_shifts.to(device=device, dtype=dtype),
         structure_index=graph.structure_index.to(device=device),
+        properties={
+            name: value.to(device=device, dtype=dtype)
+            if value.is_floating_point()
+            else value.to(device=device)
+            for name, value in graph.properties.items()
+        },
     )

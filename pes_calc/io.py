@@ -43,6 +43,8 @@ def model_metadata(model: Potential) -> Dict[str, Any]:
         "units": UNITS,
         "do_derivatives": model.do_derivatives,
         "training_data_stats": model.config.get("training_data_stats", {}),
+        # how it was trained: data, epochs, validation and test errors (trainer)
+        "training": model.config.get("training", {}),
         "pes_calc_version": __version__,
     }
 
@@ -127,6 +129,7 @@ def load_model(path: str | os.PathLike) -> Potential:
             f"build: {error!r}"
         ) from error
     model.config["training_data_stats"] = metadata.get("training_data_stats", {})
+    model.config["training"] = metadata.get("training", {})
     model.do_derivatives = bool(metadata.get("do_derivatives", True))
     model = model.to(dtype)
     try:

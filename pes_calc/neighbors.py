@@ -148,5 +148,6 @@ def atoms_to_graph(
         edge_index=edge_index,
         edge_cell_shifts=edge_cell_shifts,
         structure_index=torch.zeros(len(atoms), dtype=torch.int64, device=device),
+        properties={},
     )
 

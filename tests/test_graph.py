@@ -37,6 +37,7 @@ def _graph(
         edge_index=torch.tensor(edges, dtype=torch.int64).reshape(2, -1),
         edge_cell_shifts=torch.tensor(shifts, dtype=dtype).reshape(-1, 3),
         structure_index=torch.zeros(n, dtype=torch.int64),
+        properties={},
     )
 
 
@@ -126,6 +127,7 @@ def test_sum_per_structure_keeps_empty_structure_and_gradient():
         edge_index=torch.zeros(2, 0, dtype=torch.int64),
         edge_cell_shifts=torch.zeros(0, 3),
         structure_index=torch.tensor([0, 0, 2]),
+        properties={},
     )
     values = torch.tensor([1.5, 2.5, 4.0], requires_grad=True)
     totals = sum_per_structure(values, graph)
