@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import click
@@ -215,10 +216,11 @@ def train_command(config: Path, outdir: Path, quiet: bool) -> None:
     except (TrainingConfigError, DatasetError, ModelFileError, UnknownSpeciesError,
             ValueError) as error:
         raise click.ClickException(str(error)) from error
-    click.echo(
-        f"wrote {result.model_path} (best epoch {result.best_epoch}, "
-        f"{result.training_time_s:.0f} s)"
-    )
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
+        click.echo(
+            f"wrote {result.model_path} (best epoch {result.best_epoch}, "
+            f"{result.training_time_s:.0f} s)"
+        )
 
 
 @main.command("eval")
@@ -270,3 +272,7 @@ def eval_command(
             )
     if plot is not None:
         click.echo(f"  parity plot: {plot}")
+
+
+if __name__ == "__main__":  # torchrun -m pes_calc.cli train ...
+    main()

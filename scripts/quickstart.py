@@ -1,11 +1,11 @@
-"""Quickstart: model file → compiled TorchScript → ASE MD with PESCalculator.
+"""Quickstart: a shipped, trained model → compiled TorchScript → ASE MD.
 
-Builds a SOAP-BPNN for Cu (seeded and UNTRAINED: its energies are meaningless until
-the training submodule fits one; this shows the inference path), saves it as
-safetensors, compiles it with ``pes-calc compile``, and runs NVE molecular dynamics
-on a rattled 108-atom fcc Cu cell, printing energy conservation and ms per step.
+Compiles ``models/cu-emt-soap-bpnn.safetensors`` (SOAP-BPNN trained on data/cu-emt,
+copper labelled with ASE's EMT) with ``pes-calc compile``, runs NVT molecular
+dynamics at 600 K on the 108-atom fcc cell in ``data/cu-emt/structures/`` with
+`PESCalculator`, then checks the last frame against the reference EMT calculator.
 
-    python scripts/quickstart.py [--steps 100] [--outdir runs/quickstart]
+    python scripts/quickstart.py [--steps 500] [--temperature 600] [--outdir runs/quickstart]
 """
 
 from __future__ import annotations
@@ -13,59 +13,53 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import ase.build
-from ase import units
-from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-from ase.md.verlet import VelocityVerlet
+import ase.io
+import numpy as np
+from ase.calculators.emt import EMT
 
-from pes_calc import PESCalculator, build_model, save_model
+from pes_calc import PESCalculator
+from pes_calc.md import run_md
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "cu-emt-soap-bpnn.safetensors"
+STRUCTURE = ROOT / "data" / "cu-emt" / "structures" / "cu-fcc-108.xyz"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--temperature", type=float, default=600.0, help="K")
     parser.add_argument("--outdir", type=Path, default=Path("runs/quickstart"))
     args = parser.parse_args()
     args.outdir.mkdir(parents=True, exist_ok=True)
 
-    model_file = args.outdir / "cu-soap-bpnn.safetensors"
-    compiled_file = args.outdir / "cu-soap-bpnn.pt"
-    model = build_model("soap_bpnn", ["Cu"], model_dtype="float64", seed=0)
-    save_model(model, model_file)
-    subprocess.run(
-        ["pes-calc", "compile", str(model_file), "-o", str(compiled_file)], check=True
+    compiled = args.outdir / "cu-emt-soap-bpnn.pt"
+    subprocess.run(["pes-calc", "compile", str(MODEL), "-o", str(compiled)], check=True)
+    subprocess.run(["pes-calc", "info", str(compiled)], check=True)
+
+    atoms = ase.io.read(STRUCTURE)
+    summary = run_md(
+        atoms, PESCalculator(str(compiled), device="cpu"),
+        ensemble="nvt", temperature=args.temperature, steps=args.steps, timestep=2.0,
+        trajectory=args.outdir / "md.traj", log=args.outdir / "md.log", seed=0,
     )
-    subprocess.run(["pes-calc", "info", str(compiled_file)], check=True)
+    print(summary)
 
-    atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)
-    atoms.rattle(0.05, seed=1)
-    atoms.calc = PESCalculator(str(compiled_file), device="cpu")
-    MaxwellBoltzmannDistribution(atoms, temperature_K=300, force_temp=True)
-    dynamics = VelocityVerlet(atoms, timestep=2.0 * units.fs)
-
-    start_energy = atoms.get_total_energy()
-    dynamics.run(5)  # warm-up: TorchScript optimises its graph on the first calls
-    start = time.perf_counter()
-    for block in range(args.steps // 10):
-        dynamics.run(10)
-        temperature = atoms.get_temperature()
-        drift = (atoms.get_total_energy() - start_energy) / len(atoms)
-        print(
-            f"step {10 * (block + 1):5d}  T {temperature:7.1f} K  "
-            f"E_pot {atoms.get_potential_energy():10.4f} eV  "
-            f"drift {drift:+.2e} eV/atom",
-            flush=True,
-        )
-    elapsed = time.perf_counter() - start
-    steps = 10 * (args.steps // 10)
+    # how close is the model to its reference on a configuration it made itself?
+    predicted_forces = atoms.get_forces()
+    predicted_energy = atoms.get_potential_energy()
+    reference = atoms.copy()
+    reference.calc = EMT()
+    force_error = np.sqrt(np.mean((predicted_forces - reference.get_forces()) ** 2))
+    energy_error = (predicted_energy - reference.get_potential_energy()) / len(atoms)
     print(
-        f"{len(atoms)} atoms, {steps} steps: {1000 * elapsed / max(steps, 1):.1f} ms/step, "
-        f"neighbour lists built {atoms.calc.neighbor_list_builds}, "
-        f"reused {atoms.calc.neighbor_list_reuses}"
+        f"last frame vs EMT: energy error {1000 * energy_error:+.2f} meV/atom, "
+        f"force RMSE {1000 * force_error:.1f} meV/Å "
+        f"(force scale {1000 * np.sqrt(np.mean(reference.get_forces() ** 2)):.0f} meV/Å)"
     )
+    print(f"trajectory: {args.outdir / 'md.traj'}, log: {args.outdir / 'md.log'}")
 
 
 if __name__ == "__main__":

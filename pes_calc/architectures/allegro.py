@@ -16,6 +16,14 @@ channels of each irrep); all sums run over the neighbours k of the centre i only
 
 Every MLP is bias-free and the radial embedding carries the polynomial envelope, so
 every edge quantity goes smoothly to zero at its cutoff.
+
+Initialisation preserves variance, as in nequip-allegro: every MLP and linear layer
+has weights of standard deviation 1/√fan_in and unit-second-moment activations
+(`pes_calc.nn.mlp`), e3nn's tensor products are normalised, so the scalar latents and
+the tensor track of an untrained model stay O(1) through the layers (with PyTorch's
+default init the tensor track shrank ~100× per layer). That needs avg_num_neighbors
+near the actual mean neighbour count: without it every environment Γ_i grows like
+√neighbours, and the tensor track, a product of them, with its power.
 """
 
 import math
@@ -28,7 +36,7 @@ from torch import Tensor, nn
 from pes_calc.build import merge_hypers
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import polynomial_envelope
-from pes_calc.nn.mlp import MLP
+from pes_calc.nn.mlp import MLP, normalized_init_
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
 from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
 from pes_calc.potential import Architecture
@@ -84,7 +92,8 @@ class BesselEmbedding(nn.Module):
         self.num_species = num_species
         self.polynomial_cutoff_p = float(hypers["polynomial_cutoff_p"])
         self.bessel = BesselBasis(hypers["num_bessels"], hypers["bessel_trainable"])
-        self.projection = nn.Linear(hypers["num_bessels"], hypers["two_body_embedding_dim"], bias=False)
+        num_bessels, width = hypers["num_bessels"], hypers["two_body_embedding_dim"]
+        self.projection = normalized_init_(nn.Linear(num_bessels, width, bias=False))
         self.pair_embedding = nn.Embedding(num_species * num_species, hypers["two_body_embedding_dim"])
         self.out_features = int(hypers["two_body_embedding_dim"])
 
@@ -193,6 +202,7 @@ class Allegro(Architecture):
                 [hypers["two_body_mlp_hidden_layers_width"]] * hypers["two_body_mlp_hidden_layers_depth"],
                 embed_dim,
                 nonlinearity=hypers["two_body_mlp_nonlinearity"],
+                normalized=True,
             )
         else:
             radial = SplineEmbedding(self.num_species, embed, embed_dim)
@@ -204,6 +214,7 @@ class Allegro(Architecture):
             [hypers["scalar_embed_mlp_hidden_layers_width"]] * hypers["scalar_embed_mlp_hidden_layers_depth"],
             scalars,
             nonlinearity=hypers["scalar_embed_mlp_nonlinearity"],
+            normalized=True,
         )
 
         irreps_sh = o3.Irreps.spherical_harmonics(hypers["l_max"], p=-1)
@@ -218,6 +229,8 @@ class Allegro(Architecture):
         env_weights = channels * len(self.ls)
         self.tensor_embedding = nn.Linear(scalars, env_weights, bias=False)
         self.first_env_weights = nn.Linear(scalars, env_weights, bias=False)
+        normalized_init_(self.tensor_embedding)
+        normalized_init_(self.first_env_weights)
 
         coupling = bool(hypers["tp_path_channel_coupling"])
         latent_hidden = [hypers["allegro_mlp_hidden_layers_width"]] * hypers["allegro_mlp_hidden_layers_depth"]
@@ -240,6 +253,7 @@ class Allegro(Architecture):
                 latent_hidden,
                 scalars + (0 if last else env_weights),
                 nonlinearity=hypers["allegro_mlp_nonlinearity"],
+                normalized=True,
             ))
         self.tensor_products = nn.ModuleList(tensor_products)
         self.latent_mlps = nn.ModuleList(latent_mlps)
@@ -250,8 +264,10 @@ class Allegro(Architecture):
             scalars * (self.num_layers + 1),
             [readout_width] * readout_depth,
             nonlinearity=hypers["readout_mlp_nonlinearity"],
+            normalized=True,
         )
-        self.last_layer = nn.Linear(readout_width if readout_depth else scalars * (self.num_layers + 1), 1, bias=False)
+        readout_in = readout_width if readout_depth else scalars * (self.num_layers + 1)
+        self.last_layer = normalized_init_(nn.Linear(readout_in, 1, bias=False))
         self.register_buffer(
             "neighbour_normalization",
             neighbour_normalization(species, hypers["avg_num_neighbors"]),

@@ -511,6 +511,34 @@ def test_last_layer_features_are_invariant(l_max):
     )
 
 
+# ------------------------------------------------------------ initialisation
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_untrained_node_features_stay_order_one(seed):
+    """Every layer's node features of an untrained model on a rattled 32-atom fcc Cu
+    cell are O(0.1): PyTorch's default init shrank them to ~0.01 by the third layer,
+    unit-scale radial weights (no `RADIAL_INPUT_SCALE`) let the gates blow them up to
+    10-10⁴."""
+    model = build_model(
+        "nequip", ["Cu"], avg_num_neighbors=42.0, seed=seed, model_dtype="float64"
+    )
+    architecture = model.architecture
+    sizes = []
+    for layer in architecture.layers:
+        layer.register_forward_hook(
+            lambda module, inputs, output: sizes.append(
+                float(output.detach().pow(2).mean().sqrt())
+            )
+        )
+    atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
+    atoms.rattle(0.05, seed=0)
+    graph = atoms_to_graph(atoms, model.species, model.cutoff)
+    architecture(graph, edge_vectors(graph))
+    assert len(sizes) == 4
+    assert all(0.03 < size < 3.0 for size in sizes), sizes
+
+
 # ---------------------------------------------------------------------- ZBL
 
 
