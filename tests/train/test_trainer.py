@@ -234,3 +234,14 @@ def test_cli_train_then_eval_json_matches_the_calculator(data, tmp_path):
     assert result.exit_code == 0 and plot.stat().st_size > 10_000
     result = runner.invoke(main, ["eval", str(tmp_path / "config.yaml"), str(data / "val.xyz")])
     assert result.exit_code != 0 and "not a" in result.output.lower()
+
+
+def test_isolated_atom_energies_become_the_shifts(data, tmp_path):
+    given = config(data, epochs=1)
+    given["data"]["isolated_atom_energies"] = {"Cu": -0.25}
+    result = train(given, tmp_path, progress=False)
+    assert result.model.per_type_energy_shifts.tolist() == [-0.25]
+    assert result.model.config["model"]["per_type_energy_shifts"] == [-0.25]
+    given["data"]["isolated_atom_energies"] = {"Ag": -0.1}
+    with pytest.raises(TrainingConfigError, match="Ag"):
+        train(given, tmp_path / "other", progress=False)
