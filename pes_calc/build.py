@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from typing import Any, Callable, Dict, Iterator, Mapping, Optional, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 from ase.data import atomic_numbers
@@ -17,7 +18,7 @@ from pes_calc.nn.zbl import ZBL
 from pes_calc.potential import Architecture, Potential
 
 # hyperparameters that every architecture accepts: they configure the `Potential`
-POTENTIAL_DEFAULTS: Dict[str, Any] = {
+POTENTIAL_DEFAULTS: dict[str, Any] = {
     "per_type_energy_scales": 1.0,
     "per_type_energy_shifts": 0.0,
     "per_type_energy_scales_trainable": False,
@@ -30,7 +31,7 @@ POTENTIAL_DEFAULTS: Dict[str, Any] = {
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
-def _registry() -> Dict[str, tuple[dict, Callable[..., Architecture]]]:
+def _registry() -> dict[str, tuple[dict, Callable[..., Architecture]]]:
     """Architecture name → (default hyperparameters, architecture class)."""
     from pes_calc.architectures import allegro, nequip, soap_bpnn
 
@@ -158,7 +159,7 @@ def cutoff_of(name: str, hypers: Mapping[str, Any]) -> float:
     return float(radius)
 
 
-def potential_options(hypers: Mapping[str, Any]) -> Dict[str, Any]:
+def potential_options(hypers: Mapping[str, Any]) -> dict[str, Any]:
     """The `Potential` keyword arguments among merged hyperparameters."""
     names = [
         "per_type_energy_scales",
@@ -172,7 +173,7 @@ def potential_options(hypers: Mapping[str, Any]) -> Dict[str, Any]:
 
 def pair_potential_from(
     spec: Any, species: Sequence[str], cutoff: float
-) -> Optional[ZBL]:
+) -> ZBL | None:
     """The pair potential named by a ``pair_potential`` hyperparameter: None, "ZBL",
     or ``{"name": "ZBL", "units": "metal" | "real"}``."""
     if spec is None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Dict, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import ase
 import numpy as np
@@ -93,8 +94,8 @@ class PESCalculator(Calculator):
         self.neighbor_backend = neighbor_backend
         self.neighbor_list_builds = 0
         self.neighbor_list_reuses = 0
-        self._graph: Optional[AtomicGraph] = None
-        self._reference_positions: Optional[np.ndarray] = None
+        self._graph: AtomicGraph | None = None
+        self._reference_positions: np.ndarray | None = None
 
     def calculate(
         self,
@@ -155,9 +156,9 @@ class PESCalculator(Calculator):
         )
         return _within_cutoff(graph, self.cutoff) if self.skin > 0 else graph
 
-    def _to_results(self, outputs: Dict[str, torch.Tensor], has_volume: bool) -> dict:
+    def _to_results(self, outputs: dict[str, torch.Tensor], has_volume: bool) -> dict:
         energy = float(outputs[keys.ENERGY].detach()[0].item())
-        results: Dict[str, Any] = {
+        results: dict[str, Any] = {
             "energy": energy,
             "free_energy": energy,
             "energies": _numpy(outputs[keys.ENERGIES]),

@@ -242,7 +242,13 @@ def eval_command(
     from pes_calc.compile import load_artefact
     from pes_calc.io import ModelFileError
     from pes_calc.neighbors import UnknownSpeciesError
-    from pes_calc.train import DatasetError, LabelKeys, evaluate, load_graphs, parity_plot
+    from pes_calc.train import (
+        DatasetError,
+        LabelKeys,
+        evaluate,
+        load_graphs,
+        parity_plot,
+    )
 
     try:
         module, metadata = load_artefact(model, device)

@@ -15,8 +15,9 @@ import importlib
 import json
 import os
 import zipfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Dict, Sequence, Tuple
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ from pes_calc.potential import Potential
 METADATA_FILE = "pes_calc_metadata.json"
 
 # architecture → modules to import before running it (custom ops + their autograd)
-REQUIRED_IMPORTS: Dict[str, list[str]] = {"soap_bpnn": ["sphericart.torch"]}
+REQUIRED_IMPORTS: dict[str, list[str]] = {"soap_bpnn": ["sphericart.torch"]}
 
 
 def enable_ForceStressOutput(model: Potential) -> Potential:  # noqa: N802 (nequip's name)
@@ -35,7 +36,7 @@ def enable_ForceStressOutput(model: Potential) -> Potential:  # noqa: N802 (nequ
     return model
 
 
-MODIFIERS: Dict[str, Callable[[Potential], Potential]] = {
+MODIFIERS: dict[str, Callable[[Potential], Potential]] = {
     "enable_ForceStressOutput": enable_ForceStressOutput,
 }
 
@@ -110,7 +111,7 @@ def import_required(modules: Sequence[str]) -> None:
             ) from error
 
 
-def read_artefact_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+def read_artefact_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata stored in a TorchScript artefact, checked."""
     path = Path(path)
     if not path.is_file():
@@ -137,7 +138,7 @@ def read_artefact_metadata(path: str | os.PathLike) -> Dict[str, Any]:
 
 def load_artefact(
     path: str | os.PathLike, device: str | torch.device = "cpu"
-) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Load any model file: ``.safetensors`` (eager) or TorchScript ``.pt``.
 
     Returns the callable model and its metadata.

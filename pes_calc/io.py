@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any
 
 import torch
 
@@ -29,7 +29,7 @@ class ModelFileError(ValueError):
     """A model file that is missing, foreign, corrupted, truncated or too new."""
 
 
-def model_metadata(model: Potential) -> Dict[str, Any]:
+def model_metadata(model: Potential) -> dict[str, Any]:
     """The JSON metadata describing ``model`` (enough to rebuild it)."""
     from pes_calc import __version__
 
@@ -65,7 +65,7 @@ def save_model(model: Potential, path: str | os.PathLike) -> None:
     save_file(tensors, str(path), metadata=metadata)
 
 
-def read_metadata(path: str | os.PathLike) -> Dict[str, Any]:
+def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The checked JSON metadata of a model file, without loading its weights."""
     from safetensors import safe_open
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Callable, Dict, List
+from collections.abc import Callable
 
 import ase
 import ase.build
@@ -45,13 +45,13 @@ class Subject:
             metadata = model_metadata(model)
             model = copy.deepcopy(model)
         self.model = model.to(torch.float64).eval()
-        self.species: List[str] = list(metadata["species"])
+        self.species: list[str] = list(metadata["species"])
         self.cutoff = float(metadata["cutoff"])
 
     def graph(self, atoms: ase.Atoms) -> AtomicGraph:
         return atoms_to_graph(atoms, self.species, self.cutoff)
 
-    def __call__(self, graph: AtomicGraph, derivatives: bool = True) -> Dict:
+    def __call__(self, graph: AtomicGraph, derivatives: bool = True) -> dict:
         with torch.jit.optimized_execution(False):  # as the calculator runs it
             outputs = self.model(graph, derivatives, derivatives)
         return {k: v.detach().numpy() for k, v in outputs.items()}
@@ -222,7 +222,7 @@ def check_smooth_cutoff(subject: Subject) -> None:
     symbol = subject.species[0]
     cutoff = subject.cutoff
 
-    def dimer(distance: float) -> Dict:
+    def dimer(distance: float) -> dict:
         atoms = ase.Atoms([symbol, symbol], positions=[[0, 0, 0], [distance, 0, 0]])
         return subject(subject.graph(atoms))
 
@@ -249,7 +249,7 @@ def check_inputs_not_mutated(subject: Subject) -> None:
         raise PotentialCheckError("the model set requires_grad on the input positions")
 
 
-CHECKS: Dict[str, Callable[[Subject], None]] = {
+CHECKS: dict[str, Callable[[Subject], None]] = {
     "forces_finite_differences": check_forces_finite_differences,
     "stress_finite_strain": check_stress_finite_strain,
     "invariances": check_invariances,

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence
 
 import ase
 import ase.io
@@ -35,12 +35,12 @@ class LabelKeys:
     """Where each label sits in the file: ``atoms.info`` / ``atoms.arrays`` / the
     attached calculator's results. ``None`` means "this dataset has no such label"."""
 
-    energy: Optional[str] = "energy"
-    forces: Optional[str] = "forces"
-    stress: Optional[str] = "stress"
+    energy: str | None = "energy"
+    forces: str | None = "forces"
+    stress: str | None = "stress"
 
     @classmethod
-    def from_config(cls, data: dict) -> "LabelKeys":
+    def from_config(cls, data: dict) -> LabelKeys:
         return cls(
             energy=data.get("energy_key", "energy"),
             forces=data.get("forces_key", "forces"),
@@ -48,7 +48,7 @@ class LabelKeys:
         )
 
 
-def read_structures(path: str | os.PathLike, index: str = ":") -> List[ase.Atoms]:
+def read_structures(path: str | os.PathLike, index: str = ":") -> list[ase.Atoms]:
     """All structures in an ASE-readable file (extxyz, ASE .traj, ...)."""
     if not os.path.isfile(path):
         raise DatasetError(f"no dataset file at {path}")
@@ -87,14 +87,14 @@ def _as_stress_matrix(value, where: str) -> np.ndarray:
 
 def extract_labels(
     structures: Sequence[ase.Atoms], label_keys: LabelKeys, name: str = "dataset"
-) -> List[Dict[str, np.ndarray]]:
+) -> list[dict[str, np.ndarray]]:
     """Per-structure label dicts (energy (1,), forces (N, 3), stress (1, 3, 3)).
 
     A label found in no structure at all is an error when its key was set
     explicitly; the default ``forces``/``stress`` keys may be absent (energy-only
     data), which is reported once as a warning.
     """
-    found: Dict[str, List] = {}
+    found: dict[str, list] = {}
     for label, key in (
         (keys.ENERGY, label_keys.energy),
         (keys.FORCES, label_keys.forces),
@@ -118,11 +118,11 @@ def extract_labels(
             continue
         found[label] = values
 
-    labels: List[Dict[str, np.ndarray]] = []
+    labels: list[dict[str, np.ndarray]] = []
     for position, atoms in enumerate(structures):
         where = f"{name}, structure {position}"
         n = len(atoms)
-        entry: Dict[str, np.ndarray] = {}
+        entry: dict[str, np.ndarray] = {}
         if keys.ENERGY in found:
             value = found[keys.ENERGY][position]
             entry[keys.ENERGY] = np.array(
@@ -149,7 +149,7 @@ def extract_labels(
     return labels
 
 
-def species_in(structures: Sequence[ase.Atoms]) -> List[str]:
+def species_in(structures: Sequence[ase.Atoms]) -> list[str]:
     """The chemical symbols present, ordered by atomic number."""
     symbols = {symbol for atoms in structures for symbol in atoms.get_chemical_symbols()}
     return sorted(symbols, key=lambda symbol: atomic_numbers[symbol])
@@ -157,11 +157,11 @@ def species_in(structures: Sequence[ase.Atoms]) -> List[str]:
 
 def labelled_graphs(
     structures: Sequence[ase.Atoms],
-    labels: Sequence[Dict[str, np.ndarray]],
+    labels: Sequence[dict[str, np.ndarray]],
     species: Sequence[str],
     cutoff: float,
     dtype: torch.dtype = torch.float64,
-) -> List[AtomicGraph]:
+) -> list[AtomicGraph]:
     """One graph per structure, with its labels in ``properties``."""
     graphs = []
     for atoms, entry in zip(structures, labels):
@@ -183,7 +183,7 @@ def load_graphs(
     cutoff: float,
     label_keys: LabelKeys = LabelKeys(),
     dtype: torch.dtype = torch.float64,
-) -> List[AtomicGraph]:
+) -> list[AtomicGraph]:
     """Read ``path`` and turn it into labelled graphs for a model's species/cutoff."""
     structures = read_structures(path)
     labels = extract_labels(structures, label_keys, name=str(path))
@@ -199,7 +199,7 @@ def batch_order(
     epoch: int = 0,
     rank: int = 0,
     world_size: int = 1,
-) -> List[List[int]]:
+) -> list[list[int]]:
     """Indices of the graphs in each batch this process handles in ``epoch``.
 
     The order depends only on (seed, epoch), so a resumed run sees the same batches
@@ -221,7 +221,7 @@ def batch_order(
 
 def iterate_batches(
     graphs: Sequence[AtomicGraph],
-    order: List[List[int]],
+    order: list[list[int]],
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> Iterator[AtomicGraph]:

@@ -8,8 +8,8 @@ depend on the batch size. Units: eV/atom, eV/Å, eV/Å³.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,8 +31,8 @@ QUANTITIES = {
 class Evaluation:
     """Per-quantity predictions and targets (labelled entries only) and the errors."""
 
-    predicted: Dict[str, List[np.ndarray]] = field(default_factory=dict)
-    target: Dict[str, List[np.ndarray]] = field(default_factory=dict)
+    predicted: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    target: dict[str, list[np.ndarray]] = field(default_factory=dict)
     num_structures: int = 0
 
     def add(self, name: str, predicted: torch.Tensor, target: torch.Tensor) -> None:
@@ -43,10 +43,10 @@ class Evaluation:
     def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate(self.predicted[name]), np.concatenate(self.target[name])
 
-    def metrics(self) -> Dict[str, float]:
+    def metrics(self) -> dict[str, float]:
         """``<quantity>_rmse`` and ``<quantity>_mae`` for each labelled quantity, plus
         ``rmse_prod`` and ``mae_prod`` (the products, metatrain's model selection)."""
-        results: Dict[str, float] = {}
+        results: dict[str, float] = {}
         for name in QUANTITIES:
             if name not in self.predicted:
                 continue
@@ -70,8 +70,8 @@ def evaluate(
     *,
     batch_size: int = 16,
     device: torch.device | str = "cpu",
-    dtype: Optional[torch.dtype] = None,
-    order: Optional[List[List[int]]] = None,
+    dtype: torch.dtype | None = None,
+    order: list[list[int]] | None = None,
 ) -> Evaluation:
     """Run ``model`` (eager or TorchScript) over labelled ``graphs`` and collect
     predictions against labels. ``order`` overrides the batches (the trainer passes

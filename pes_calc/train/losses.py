@@ -7,7 +7,7 @@ that mixes clusters (no stress) and bulk cells needs no special handling.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -16,7 +16,7 @@ from pes_calc import keys
 from pes_calc.graph import AtomicGraph, atoms_per_structure
 
 
-def _known(prediction: Tensor, target: Tensor) -> Tuple[Tensor, Tensor]:
+def _known(prediction: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
     """The entries whose target is finite, flattened."""
     mask = torch.isfinite(target)
     return prediction[mask], target[mask].to(prediction.dtype)
@@ -86,14 +86,14 @@ class Loss(nn.Module):
         raise NotImplementedError
 
     @property
-    def required_properties(self) -> List[str]:
+    def required_properties(self) -> list[str]:
         raise NotImplementedError
 
     def pre_fit(self, training_data: Sequence[AtomicGraph]) -> None:
         """Called once with the training graphs before training starts."""
 
     def forward(
-        self, model: nn.Module, graph: AtomicGraph, predictions: Dict[str, Tensor]
+        self, model: nn.Module, graph: AtomicGraph, predictions: dict[str, Tensor]
     ) -> Tensor:
         raise NotImplementedError
 
@@ -111,7 +111,7 @@ class PropertyLoss(Loss):
         return f"{self.property}_{type(self.metric).__name__.lower()}"
 
     @property
-    def required_properties(self) -> List[str]:
+    def required_properties(self) -> list[str]:
         return [self.property]
 
     def forward(self, model, graph, predictions):
@@ -149,7 +149,7 @@ class TotalLoss(nn.Module):
         self.losses = nn.ModuleList(losses)
 
     @property
-    def required_properties(self) -> List[str]:
+    def required_properties(self) -> list[str]:
         return sorted({p for loss in self.losses for p in loss.required_properties})
 
     def pre_fit(self, training_data: Sequence[AtomicGraph]) -> None:
@@ -157,8 +157,8 @@ class TotalLoss(nn.Module):
             loss.pre_fit(training_data)
 
     def forward(
-        self, model: nn.Module, graph: AtomicGraph, predictions: Dict[str, Tensor]
-    ) -> Tuple[Tensor, Dict[str, Tensor]]:
+        self, model: nn.Module, graph: AtomicGraph, predictions: dict[str, Tensor]
+    ) -> tuple[Tensor, dict[str, Tensor]]:
         """The weighted total and each term's unweighted value (keyed by name)."""
         terms = {loss.name: loss(model, graph, predictions) for loss in self.losses}
         total = sum(loss.weight * terms[loss.name] for loss in self.losses)

@@ -7,12 +7,18 @@ Every statistic is computed once over the training graphs (labels in
 from __future__ import annotations
 
 import re
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
 from pes_calc import keys
-from pes_calc.graph import AtomicGraph, atoms_per_structure, number_of_atoms, number_of_edges
+from pes_calc.graph import (
+    AtomicGraph,
+    atoms_per_structure,
+    number_of_atoms,
+    number_of_edges,
+)
 
 STAT_NAMES = (
     "num_neighbors_mean",
@@ -25,20 +31,20 @@ STAT_NAMES = (
 _REFERENCE = re.compile(r"^\$\{training_data_stats:([A-Za-z_]+)\}$")
 
 
-def _finite(values: List[torch.Tensor]) -> torch.Tensor:
+def _finite(values: list[torch.Tensor]) -> torch.Tensor:
     """All finite entries of several tensors, flattened, in float64."""
     flat = torch.cat([v.detach().double().reshape(-1) for v in values]) if values else torch.zeros(0)
     return flat[torch.isfinite(flat)]
 
 
-def training_data_stats(graphs: Sequence[AtomicGraph], species: Sequence[str]) -> Dict[str, Any]:
+def training_data_stats(graphs: Sequence[AtomicGraph], species: Sequence[str]) -> dict[str, Any]:
     """The named statistics of a training set (eV, eV/Å; means over structures for
     energies, over force components for forces). A statistic whose labels are
     absent (no forces, say) is left out rather than set to a made-up value."""
     if not graphs:
         raise ValueError("training_data_stats needs at least one graph")
     num_atoms = sum(number_of_atoms(g) for g in graphs)
-    stats: Dict[str, Any] = {
+    stats: dict[str, Any] = {
         "num_neighbors_mean": sum(number_of_edges(g) for g in graphs) / max(num_atoms, 1)
     }
     if all(keys.ENERGY in g.properties for g in graphs):
@@ -70,8 +76,8 @@ def training_data_stats(graphs: Sequence[AtomicGraph], species: Sequence[str]) -
 def composition_energies(
     graphs: Sequence[AtomicGraph],
     num_species: int,
-    fixed: Optional[Mapping[int, float]] = None,
-) -> List[float]:
+    fixed: Mapping[int, float] | None = None,
+) -> list[float]:
     """Per-type energies μ_t (eV) minimising Σ_s (E_s - Σ_t n_st μ_t)², with the
     types in ``fixed`` held at their given values (isolated-atom energies, say).
     A type that never occurs gets 0 unless fixed."""

@@ -16,9 +16,10 @@ import csv
 import math
 import os
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,10 +41,14 @@ from pes_calc.train.data import (
 )
 from pes_calc.train.evaluation import evaluate
 from pes_calc.train.losses import loss_from_config
-from pes_calc.train.stats import composition_energies, resolve_stats, training_data_stats
+from pes_calc.train.stats import (
+    composition_energies,
+    resolve_stats,
+    training_data_stats,
+)
 
 # metatrain's names; checkpoints and validation every epoch since both are cheap
-TRAINING_DEFAULTS: Dict[str, Any] = {
+TRAINING_DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "num_epochs": 100,
     "learning_rate": 1e-3,
@@ -80,12 +85,12 @@ class TrainResult:
     model: Potential
     model_path: Path
     best_epoch: int
-    val_metrics: Dict[str, float]
-    test_metrics: Dict[str, float]
+    val_metrics: dict[str, float]
+    test_metrics: dict[str, float]
     training_time_s: float
 
 
-def normalise_config(config: Mapping[str, Any]) -> Dict[str, Any]:
+def normalise_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config with defaults filled in; unknown keys are errors."""
     config = copy.deepcopy(dict(config))
     unknown = set(config) - TOP_LEVEL_KEYS
@@ -201,11 +206,11 @@ def _learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> flo
     return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * cosine
 
 
-def _selection_value(metrics: Dict[str, float], val_loss: float, metric: str) -> float:
+def _selection_value(metrics: dict[str, float], val_loss: float, metric: str) -> float:
     return val_loss if metric == "loss" else metrics.get(metric, val_loss)
 
 
-def _format_metrics(metrics: Dict[str, float]) -> str:
+def _format_metrics(metrics: dict[str, float]) -> str:
     """``E 1.23 meV/atom | F 45.6 meV/Å | S 0.12 meV/Å³`` from RMSEs in eV units."""
     parts = []
     for name, short, unit in (
@@ -223,7 +228,7 @@ def train(
     outdir: str | os.PathLike,
     *,
     progress: bool = True,
-    callbacks: Sequence[Callable[[int, Dict[str, float]], None]] = (),
+    callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
 ) -> TrainResult:
     """Train the model ``config`` describes; write it to ``outdir/model.safetensors``.
 
@@ -248,7 +253,7 @@ def train(
     label_keys = LabelKeys.from_config(data)
     train_structures = read_structures(data["train"])
     train_labels = extract_labels(train_structures, label_keys, name=str(data["train"]))
-    base_model: Optional[Potential] = None
+    base_model: Potential | None = None
     if training["finetune"]:
         base_model = _model_to_finetune(training["finetune"], name)
         species, cutoff = base_model.species, base_model.cutoff
@@ -312,7 +317,7 @@ def train(
         if distributed.is_main:
             print(f"resuming {outdir} after epoch {state['epoch']}", flush=True)
     elapsed_before = state["elapsed_s"]
-    log_rows: List[Dict[str, Any]] = _read_log(log_path, state["epoch"])
+    log_rows: list[dict[str, Any]] = _read_log(log_path, state["epoch"])
 
     trained = model
     if distributed.enabled:
@@ -345,7 +350,7 @@ def train(
             if bar is not None:
                 bar.update(1)
         num_batches = distributed.sum(num_batches)
-        row: Dict[str, float] = {
+        row: dict[str, float] = {
             "epoch": epoch,
             "learning_rate": optimizer.param_groups[0]["lr"],
             "train_loss": distributed.sum(loss_sum) / num_batches,
@@ -400,7 +405,7 @@ def train(
     # the best model, with its test errors, is the result
     model.load_state_dict(best_state)
     model.eval()
-    test_metrics: Dict[str, float] = {}
+    test_metrics: dict[str, float] = {}
     if distributed.is_main:
         if data.get("test"):
             test_graphs = load_graphs(data["test"], species, cutoff, label_keys, dtype)
@@ -474,7 +479,7 @@ def _set_shifts_and_scales(
             model.config["model"]["per_type_energy_scales"] = float(scale)
 
 
-def _residual_per_atom_std(graphs: Sequence, shifts: List[float]) -> Optional[float]:
+def _residual_per_atom_std(graphs: Sequence, shifts: list[float]) -> float | None:
     residuals = []
     table = torch.tensor(shifts, dtype=torch.float64)
     for graph in graphs:
@@ -531,7 +536,7 @@ def _save_best(model, best_state, path, config, state, test_metrics) -> None:
     _atomic_write(lambda tmp: save_model(snapshot, tmp), path)
 
 
-def _read_checkpoint(path: Path, config: Dict[str, Any]) -> Dict[str, Any]:
+def _read_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
@@ -553,7 +558,7 @@ def _read_checkpoint(path: Path, config: Dict[str, Any]) -> Dict[str, Any]:
     return checkpoint
 
 
-def _read_log(path: Path, last_epoch: int) -> List[Dict[str, str]]:
+def _read_log(path: Path, last_epoch: int) -> list[dict[str, str]]:
     """The log rows up to the checkpoint a run resumes from (later ones are redone)."""
     if not path.exists():
         return []
@@ -562,10 +567,10 @@ def _read_log(path: Path, last_epoch: int) -> List[Dict[str, str]]:
     return [row for row in rows if int(float(row["epoch"])) <= last_epoch]
 
 
-def _write_log(path: Path, rows: List[Dict[str, Any]]) -> None:
+def _write_log(path: Path, rows: list[dict[str, Any]]) -> None:
     """The whole per-epoch CSV; columns are the union over rows (validation
     columns appear only on validation epochs)."""
-    fieldnames: List[str] = []
+    fieldnames: list[str] = []
     for row in rows:
         fieldnames += [key for key in row if key not in fieldnames]
 
@@ -588,7 +593,7 @@ def _progress_bar(enabled: bool, total: int, initial: int):
                 desc="training", disable=None)
 
 
-def load_config(path: str | os.PathLike) -> Dict[str, Any]:
+def load_config(path: str | os.PathLike) -> dict[str, Any]:
     """A YAML training config; relative data paths are read from the current
     directory, as metatrain does."""
     import yaml

@@ -26,13 +26,13 @@ from collections import defaultdict
 import ase.io
 import ase.units
 import numpy as np
-import torch
 
 # REQUIRED: sphericart registers the autograd (backward) formulas of its spherical
 # harmonics from Python.  An exported metatrain SOAP-BPNN loaded with only the
 # extension's shared library silently loses the angular part of its forces and stress
 # (checked against finite differences; `mtt eval` 2026.4.1 is affected too).
 import sphericart.torch  # noqa: F401,E402
+import torch
 from metatomic_ase import MetatomicCalculator  # noqa: E402
 
 

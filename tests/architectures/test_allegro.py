@@ -17,7 +17,6 @@ import pytest
 import torch
 from e3nn import o3
 from e3nn.util.test import assert_equivariant
-
 from helpers import bulk, run
 
 from pes_calc import build_model, keys

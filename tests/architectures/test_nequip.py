@@ -16,7 +16,6 @@ import torch
 from click.testing import CliRunner
 from e3nn import o3
 from e3nn.util.test import assert_equivariant, equivariance_error
-
 from helpers import bulk, run
 
 from pes_calc import build_model, keys, save_model

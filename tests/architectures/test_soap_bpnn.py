@@ -10,7 +10,6 @@ import ase
 import numpy as np
 import pytest
 import torch
-
 from helpers import bulk
 
 from pes_calc import build_model, keys

@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from pes_calc.graph import AtomicGraph
-from pes_calc.train.stats import composition_energies, resolve_stats, training_data_stats
+from pes_calc.train.stats import (
+    composition_energies,
+    resolve_stats,
+    training_data_stats,
+)
 
 NAN = float("nan")
 
