@@ -214,8 +214,12 @@ def train_command(config: Path, outdir: Path, quiet: bool) -> None:
     try:
         result = train(load_config(config), outdir, progress=not quiet)
     except (TrainingConfigError, DatasetError, ModelFileError, UnknownSpeciesError,
-            ValueError) as error:
+            ValueError, FloatingPointError) as error:
         raise click.ClickException(str(error)) from error
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"interrupted; rerun the same command to resume from {outdir}/checkpoint.pt"
+        ) from None
     if os.environ.get("RANK", "0") == "0":  # under torchrun, one process reports
         click.echo(
             f"wrote {result.model_path} (best epoch {result.best_epoch}, "

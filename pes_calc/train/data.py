@@ -161,11 +161,16 @@ def labelled_graphs(
     species: Sequence[str],
     cutoff: float,
     dtype: torch.dtype = torch.float64,
+    name: str = "dataset",
 ) -> list[AtomicGraph]:
-    """One graph per structure, with its labels in ``properties``."""
+    """One graph per structure, with its labels in ``properties``; a structure the
+    model cannot take (unknown element, NaN positions, broken cell) is named."""
     graphs = []
-    for atoms, entry in zip(structures, labels):
-        graph = atoms_to_graph(atoms, species, cutoff, dtype=dtype)
+    for position, (atoms, entry) in enumerate(zip(structures, labels, strict=True)):
+        try:
+            graph = atoms_to_graph(atoms, species, cutoff, dtype=dtype)
+        except ValueError as error:
+            raise DatasetError(f"{name}, structure {position}: {error}") from error
         graphs.append(
             graph._replace(
                 properties={
@@ -187,7 +192,7 @@ def load_graphs(
     """Read ``path`` and turn it into labelled graphs for a model's species/cutoff."""
     structures = read_structures(path)
     labels = extract_labels(structures, label_keys, name=str(path))
-    return labelled_graphs(structures, labels, species, cutoff, dtype)
+    return labelled_graphs(structures, labels, species, cutoff, dtype, name=str(path))
 
 
 def batch_order(

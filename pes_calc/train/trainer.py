@@ -260,7 +260,8 @@ def train(
     else:
         species = list(section.get("species") or species_in(train_structures))
         cutoff = cutoff_of(name, section["model"])
-    train_graphs = labelled_graphs(train_structures, train_labels, species, cutoff)
+    train_graphs = labelled_graphs(train_structures, train_labels, species, cutoff,
+                                   name=str(data["train"]))
     val_graphs = load_graphs(data["val"], species, cutoff, label_keys)
     stats = training_data_stats(train_graphs, species)
 
@@ -338,6 +339,11 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             predictions = trained(batch, compute_forces, compute_stress)
             total, terms = loss_fn(model, batch, predictions)
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"epoch {epoch}: the loss is {total.item()}; lower learning_rate or "
+                    f"set grad_clip_norm. {checkpoint_path} holds the last good epoch"
+                )
             total.backward()
             if training["grad_clip_norm"] is not None:
                 nn.utils.clip_grad_norm_(parameters, float(training["grad_clip_norm"]))

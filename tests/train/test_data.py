@@ -95,3 +95,10 @@ def test_species_in_orders_by_atomic_number():
     assert species_in(structures) == ["H", "C", "O", "Cu"]
     graphs = labelled_graphs([ase.Atoms("OH2", positions=np.eye(3))], [{}], ["H", "O"], 2.0)
     assert graphs[0].species.tolist() == [1, 0, 0]
+
+
+def test_a_broken_structure_is_named(tmp_path):
+    structures = emt_structures(2, seed=2, cluster=False)
+    structures[1].positions[3, 0] = np.nan
+    with pytest.raises(DatasetError, match="structure 1: .*(NaN|finite)"):
+        labelled_graphs(structures, [{}, {}], ["Cu"], 3.0, name="mine.xyz")

@@ -245,3 +245,8 @@ def test_isolated_atom_energies_become_the_shifts(data, tmp_path):
     given["data"]["isolated_atom_energies"] = {"Ag": -0.1}
     with pytest.raises(TrainingConfigError, match="Ag"):
         train(given, tmp_path / "other", progress=False)
+
+
+def test_a_diverging_run_stops_with_a_clear_error(data, tmp_path):
+    with pytest.raises(FloatingPointError, match="lower learning_rate"):
+        train(config(data, epochs=3, learning_rate=1e12), tmp_path, progress=False)
