@@ -8,7 +8,7 @@ depend on the batch size. Units: eV/atom, eV/Å, eV/Å³.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -34,6 +34,13 @@ class Evaluation:
     predicted: dict[str, list[np.ndarray]] = field(default_factory=dict)
     target: dict[str, list[np.ndarray]] = field(default_factory=dict)
     num_structures: int = 0
+    loss_sum: float = 0.0
+    num_batches: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        """The training objective averaged over batches (NaN if not computed)."""
+        return self.loss_sum / self.num_batches if self.num_batches else math.nan
 
     def add(self, name: str, predicted: torch.Tensor, target: torch.Tensor) -> None:
         mask = torch.isfinite(target)
@@ -72,10 +79,11 @@ def evaluate(
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
     order: list[list[int]] | None = None,
+    loss_fn: Callable | None = None,
 ) -> Evaluation:
     """Run ``model`` (eager or TorchScript) over labelled ``graphs`` and collect
     predictions against labels. ``order`` overrides the batches (the trainer passes
-    each process's share)."""
+    each process's share); ``loss_fn`` (a `TotalLoss`) is also evaluated per batch."""
     if dtype is None:
         dtype = next(iter(model.parameters())).dtype
     labels = set(graphs[0].properties) if graphs else set()
@@ -88,6 +96,10 @@ def evaluate(
             predictions = model(batch, compute_forces, compute_stress)
         counts = atoms_per_structure(batch).to(dtype)
         evaluation.num_structures += int(counts.numel())
+        if loss_fn is not None:
+            with torch.no_grad():
+                evaluation.loss_sum += float(loss_fn(model, batch, predictions)[0])
+            evaluation.num_batches += 1
         if keys.ENERGY in labels:
             evaluation.add(
                 "energy_per_atom",

@@ -500,28 +500,13 @@ def _validate(model, graphs, loss_fn, training, device):
     """Validation errors and loss, in eval mode (no graph kept for second derivatives)."""
     model.eval()
     try:
-        evaluation = evaluate(model, graphs, batch_size=training["batch_size"], device=device)
+        evaluation = evaluate(model, graphs, batch_size=training["batch_size"],
+                              device=device, loss_fn=loss_fn)
         metrics = evaluation.metrics()
-        # the loss on the whole set, from the same per-quantity errors
-        val_loss = _loss_from_evaluation(loss_fn, evaluation)
+        val_loss = evaluation.mean_loss
     finally:
         model.train()
     return metrics, val_loss
-
-
-def _loss_from_evaluation(loss_fn, evaluation) -> float:
-    """Σ weight · metric over the validation set, each term on all its entries."""
-    total = 0.0
-    for loss in loss_fn.losses:
-        name = loss.name.rsplit("_", 1)[0]
-        quantity = {"energy": "energy_per_atom", "energy_per_atom": "energy_per_atom",
-                    "forces": "forces", "stress": "stress"}.get(name)
-        if quantity is None or quantity not in evaluation.predicted:
-            continue
-        predicted, target = evaluation.arrays(quantity)
-        value = loss.metric(torch.from_numpy(predicted), torch.from_numpy(target)).item()
-        total += loss.weight * value
-    return total
 
 
 def _save_best(model, best_state, path, config, state, test_metrics) -> None:
