@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from pes_calc.build import merge_hypers
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import polynomial_envelope
-from pes_calc.nn.mlp import MLP, normalized_init_
+from pes_calc.nn.mlp import MLP, normalized_init_, readout
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
 from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
 from pes_calc.potential import Architecture
@@ -258,16 +258,12 @@ class Allegro(Architecture):
         self.tensor_products = nn.ModuleList(tensor_products)
         self.latent_mlps = nn.ModuleList(latent_mlps)
 
-        readout_width = hypers["readout_mlp_hidden_layers_width"]
-        readout_depth = hypers["readout_mlp_hidden_layers_depth"]
-        self.readout_hidden = MLP(
+        self.readout_hidden, self.last_layer = readout(
             scalars * (self.num_layers + 1),
-            [readout_width] * readout_depth,
-            nonlinearity=hypers["readout_mlp_nonlinearity"],
-            normalized=True,
+            hypers["readout_mlp_hidden_layers_depth"],
+            hypers["readout_mlp_hidden_layers_width"],
+            hypers["readout_mlp_nonlinearity"],
         )
-        readout_in = readout_width if readout_depth else scalars * (self.num_layers + 1)
-        self.last_layer = normalized_init_(nn.Linear(readout_in, 1, bias=False))
         self.register_buffer(
             "neighbour_normalization",
             neighbour_normalization(species, hypers["avg_num_neighbors"]),

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from pes_calc.graph import AtomicGraph
 from pes_calc.nn.cutoffs import polynomial_envelope
-from pes_calc.nn.mlp import MLP, normalized_init_
+from pes_calc.nn.mlp import MLP, normalized_init_, readout
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
 from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
 from pes_calc.potential import Architecture
@@ -201,16 +201,11 @@ class NequIP(Architecture):
             layers.append(layer)
             irreps = layer.irreps_out
         self.layers = nn.ModuleList(layers)
-        width = hypers["readout_mlp_hidden_layers_width"] or num_features
-        depth = hypers["readout_mlp_hidden_layers_depth"]
-        self.readout_hidden = MLP(
+        self.readout_hidden, self.last_layer = readout(
             num_features,
-            [width] * depth,
-            nonlinearity=hypers["readout_mlp_nonlinearity"],
-            normalized=True,
-        )
-        self.last_layer = normalized_init_(
-            nn.Linear(width if depth else num_features, 1, bias=False)
+            hypers["readout_mlp_hidden_layers_depth"],
+            hypers["readout_mlp_hidden_layers_width"] or num_features,
+            hypers["readout_mlp_nonlinearity"],
         )
         self.register_buffer(
             "neighbour_normalization",

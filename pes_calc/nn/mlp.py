@@ -20,7 +20,7 @@ layer. SOAP-BPNN keeps PyTorch's default, as metatrain does.
 
 import functools
 import math
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -122,6 +122,17 @@ def MLP(
     if out_features is not None:
         layers.append(linear(width, out_features))
     return nn.Sequential(*layers)
+
+
+def readout(
+    in_features: int, depth: int, width: int, nonlinearity: str | None
+) -> Tuple[nn.Sequential, nn.Linear]:
+    """NequIP's and Allegro's readout: a variance-preserving hidden MLP (``depth``
+    layers of ``width``; none for depth 0) and the bias-free ``last_layer`` whose
+    input is the architecture's last-layer features."""
+    hidden = MLP(in_features, [width] * depth, nonlinearity=nonlinearity, normalized=True)
+    last_layer = normalized_init_(nn.Linear(width if depth else in_features, 1, bias=False))
+    return hidden, last_layer
 
 
 def species_groups(species: Tensor, num_species: int) -> List[Tensor]:

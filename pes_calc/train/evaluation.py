@@ -78,19 +78,18 @@ def evaluate(
     batch_size: int = 16,
     device: torch.device | str = "cpu",
     dtype: torch.dtype | None = None,
-    order: list[list[int]] | None = None,
     loss_fn: Callable | None = None,
 ) -> Evaluation:
     """Run ``model`` (eager or TorchScript) over labelled ``graphs`` and collect
-    predictions against labels. ``order`` overrides the batches (the trainer passes
-    each process's share); ``loss_fn`` (a `TotalLoss`) is also evaluated per batch."""
+    predictions against labels; ``loss_fn`` (a `TotalLoss`) is also evaluated per
+    batch."""
     if dtype is None:
         dtype = next(iter(model.parameters())).dtype
     labels = set(graphs[0].properties) if graphs else set()
     compute_forces = keys.FORCES in labels
     compute_stress = keys.STRESS in labels
     evaluation = Evaluation()
-    order = order if order is not None else batch_order(len(graphs), batch_size, shuffle=False)
+    order = batch_order(len(graphs), batch_size, shuffle=False)
     for batch in iterate_batches(graphs, order, device, dtype):
         with torch.enable_grad():  # forces are derivatives, even when evaluating
             predictions = model(batch, compute_forces, compute_stress)

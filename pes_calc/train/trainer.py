@@ -90,38 +90,33 @@ class TrainResult:
     training_time_s: float
 
 
+def _check_keys(given: Mapping[str, Any], known: Sequence[str], where: str) -> None:
+    """An unknown key is an error naming the known ones (a typo never falls back)."""
+    unknown = set(given) - set(known)
+    if unknown:
+        raise TrainingConfigError(
+            f"unknown {where} keys {sorted(unknown)}; known: {', '.join(sorted(known))}"
+        )
+
+
 def normalise_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The config with defaults filled in; unknown keys are errors."""
     config = copy.deepcopy(dict(config))
-    unknown = set(config) - TOP_LEVEL_KEYS
-    if unknown:
-        raise TrainingConfigError(
-            f"unknown top-level keys {sorted(unknown)}; known: {sorted(TOP_LEVEL_KEYS)}"
-        )
+    _check_keys(config, TOP_LEVEL_KEYS, "top-level")
     for required in ("data", "architecture"):
         if required not in config:
             raise TrainingConfigError(f"the config needs a {required!r} section")
     data = dict(config["data"])
-    if set(data) - DATA_KEYS:
-        raise TrainingConfigError(
-            f"unknown data keys {sorted(set(data) - DATA_KEYS)}; known: {sorted(DATA_KEYS)}"
-        )
+    _check_keys(data, DATA_KEYS, "data")
     for required in ("train", "val"):
         if required not in data:
             raise TrainingConfigError(f"data needs a {required!r} file")
     architecture = dict(config["architecture"])
     if "name" not in architecture:
         raise TrainingConfigError("the architecture section needs a 'name'")
-    unknown = set(architecture) - {"name", "model", "training", "species"}
-    if unknown:
-        raise TrainingConfigError(f"unknown architecture keys {sorted(unknown)}")
+    _check_keys(architecture, ("name", "model", "training", "species"), "architecture")
     training = dict(architecture.get("training") or {})
-    unknown = set(training) - set(TRAINING_DEFAULTS)
-    if unknown:
-        raise TrainingConfigError(
-            f"unknown training hyperparameters {sorted(unknown)}; known: "
-            f"{', '.join(sorted(TRAINING_DEFAULTS))}"
-        )
+    _check_keys(training, TRAINING_DEFAULTS, "training")
     training = {**copy.deepcopy(TRAINING_DEFAULTS), **training}
     if training["best_model_metric"] not in BEST_MODEL_METRICS:
         raise TrainingConfigError(
