@@ -27,6 +27,13 @@ from pes_calc import keys
 from pes_calc.graph import AtomicGraph, edge_vectors
 from pes_calc.neighbors import Backend, atoms_to_graph, check_geometry
 
+# LLPR models only; the ensemble-force ones cost extra backward passes
+UNCERTAINTY_PROPERTIES = [
+    keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY, keys.ENERGY_ENSEMBLE,
+    keys.FORCES_UNCERTAINTY, keys.FORCES_ENSEMBLE,
+]
+FORCE_ENSEMBLE_PROPERTIES = (keys.FORCES_UNCERTAINTY, keys.FORCES_ENSEMBLE)
+
 
 class PESCalculator(Calculator):
     """ASE calculator for pes_calc models.
@@ -46,6 +53,11 @@ class PESCalculator(Calculator):
     neighbor_backend
         ``"vesin"`` or ``"vesin-torch"``; by default vesin on CPU and vesin-torch on
         CUDA.
+    ensemble_forces
+        LLPR models: compute ``forces_ensemble`` and ``forces_uncertainty`` on every
+        call (True), or only when asked for (False, the default: they cost
+        min(members, features) extra backward passes). ``energy_uncertainty``,
+        ``energies_uncertainty`` and ``energy_ensemble`` come with every call.
 
     Examples
     --------
@@ -58,7 +70,10 @@ class PESCalculator(Calculator):
     ((4, 3), (6,))
     """
 
-    implemented_properties = ["energy", "free_energy", "energies", "forces", "stress"]
+    implemented_properties = [
+        "energy", "free_energy", "energies", "forces", "stress",
+        *UNCERTAINTY_PROPERTIES,
+    ]
 
     def __init__(
         self,
@@ -67,6 +82,7 @@ class PESCalculator(Calculator):
         dtype: torch.dtype | None = None,
         skin: float = 0.5,
         neighbor_backend: Backend | None = None,
+        ensemble_forces: bool = False,
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
@@ -84,14 +100,16 @@ class PESCalculator(Calculator):
         first = next(t for t in model.state_dict().values() if t.is_floating_point())
         if first.dtype != self.dtype or first.device != self.device:
             # Module.to converts in place: convert a copy, not the caller's model
-            model = copy.deepcopy(model)
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+            model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
+        self.model = model.eval()
         self.species: list[str] = list(self.metadata["species"])
         self.cutoff = float(self.metadata["cutoff"])
         if skin < 0:
             raise ValueError("skin must be ≥ 0 Å")
         self.skin = float(skin)
         self.neighbor_backend = neighbor_backend
+        self.is_llpr = bool(self.metadata.get("llpr"))
+        self.ensemble_forces = ensemble_forces
         self.neighbor_list_builds = 0
         self.neighbor_list_reuses = 0
         self._graph: AtomicGraph | None = None
@@ -111,6 +129,16 @@ class PESCalculator(Calculator):
         if "stress" in properties and not has_volume:
             raise PropertyNotImplementedError(
                 "stress needs a periodic cell with a volume; this structure has none"
+            )
+        if not self.is_llpr and any(p in UNCERTAINTY_PROPERTIES for p in properties):
+            raise PropertyNotImplementedError(
+                f"{', '.join(p for p in properties if p in UNCERTAINTY_PROPERTIES)} "
+                "need an LLPR model (pes-calc train with architecture name llpr)"
+            )
+        if self.is_llpr:
+            # an attribute, so eager and TorchScript models take the same switch
+            self.model.ensemble_forces = self.ensemble_forces or any(
+                p in FORCE_ENSEMBLE_PROPERTIES for p in properties
             )
         graph = self._current_graph(atoms, system_changes)
         # TorchScript's profiling optimiser costs seconds of warm-up per new input
@@ -167,6 +195,15 @@ class PESCalculator(Calculator):
             results["forces"] = _numpy(outputs[keys.FORCES])
         if has_volume and keys.STRESS in outputs:
             results["stress"] = full_3x3_to_voigt_6_stress(_numpy(outputs[keys.STRESS])[0])
+        for name in UNCERTAINTY_PROPERTIES:
+            if name in outputs:  # one structure: drop the structure axis
+                value = _numpy(outputs[name])
+                if name == keys.ENERGY_UNCERTAINTY:
+                    results[name] = float(value[0])
+                elif name == keys.ENERGY_ENSEMBLE:
+                    results[name] = value[0]
+                else:
+                    results[name] = value
         return results
 
 

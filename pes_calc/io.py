@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 
 FORMAT_TAG = "pes_calc.model"
@@ -29,7 +30,7 @@ class ModelFileError(ValueError):
     """A model file that is missing, foreign, corrupted, truncated or too new."""
 
 
-def model_metadata(model: Potential) -> dict[str, Any]:
+def model_metadata(model: Potential | LLPR) -> dict[str, Any]:
     """The JSON metadata describing ``model`` (enough to rebuild it)."""
     from pes_calc import __version__
 
@@ -45,11 +46,13 @@ def model_metadata(model: Potential) -> dict[str, Any]:
         "training_data_stats": model.config.get("training_data_stats", {}),
         # how it was trained: data, epochs, validation and test errors (trainer)
         "training": model.config.get("training", {}),
+        # LLPR wrappers: ensemble size, regulariser, calibration (pes_calc.llpr)
+        "llpr": model.config.get("llpr"),
         "pes_calc_version": __version__,
     }
 
 
-def save_model(model: Potential, path: str | os.PathLike) -> None:
+def save_model(model: Potential | LLPR, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` (a ``.safetensors`` file)."""
     from safetensors.torch import save_file
 
@@ -104,8 +107,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
         raise ModelFileError(f"{path} has damaged metadata: {error}") from error
 
 
-def load_model(path: str | os.PathLike) -> Potential:
-    """Rebuild the eager model stored in ``path`` (``.safetensors``)."""
+def load_model(path: str | os.PathLike) -> Potential | LLPR:
+    """Rebuild the eager model stored in ``path`` (``.safetensors``): a
+    `Potential`, or an `LLPR` around one when the file holds LLPR settings."""
     from safetensors.torch import load_file
 
     from pes_calc.build import build_model
@@ -131,6 +135,13 @@ def load_model(path: str | os.PathLike) -> Potential:
     model.config["training_data_stats"] = metadata.get("training_data_stats", {})
     model.config["training"] = metadata.get("training", {})
     model.do_derivatives = bool(metadata.get("do_derivatives", True))
+    if metadata.get("llpr"):
+        try:
+            members = int(metadata["llpr"]["num_ensemble_members"].get("energy", 0))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ModelFileError(f"{path}: damaged LLPR settings: {error!r}") from error
+        model.config["llpr"] = metadata["llpr"]
+        model = LLPR(model, members)
     model = model.to(dtype)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -90,6 +90,21 @@ class Potential(nn.Module):
         compute_stress: bool = True,
     ) -> Dict[str, Tensor]:
         """Energies, and forces and stress unless switched off (or energy-only)."""
+        outputs, positions, strain = self.predict_energies(
+            graph, compute_forces, compute_stress
+        )
+        return self.add_derivatives(
+            outputs, graph, positions, strain, compute_forces, compute_stress, False
+        )
+
+    def predict_energies(
+        self,
+        graph: AtomicGraph,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+    ) -> Tuple[Dict[str, Tensor], Tensor, Tensor]:
+        """Energies and last-layer features, plus the (positions, strain) leaves
+        that `add_derivatives` differentiates against."""
         compute_forces = compute_forces and self.do_derivatives
         compute_stress = compute_stress and self.do_derivatives
         positions = graph.positions
@@ -115,22 +130,40 @@ class Potential(nn.Module):
         )
         if self.pair_potential is not None:
             energies = energies + self._pair_energies(graph, vectors)
-        energy = sum_per_structure(energies, graph)
         outputs: Dict[str, Tensor] = {
-            keys.ENERGY: energy,
+            keys.ENERGY: sum_per_structure(energies, graph),
             keys.ENERGIES: energies,
             keys.LAST_LAYER_FEATURES: features,
         }
+        return outputs, positions, strain
+
+    def add_derivatives(
+        self,
+        outputs: Dict[str, Tensor],
+        graph: AtomicGraph,
+        positions: Tensor,
+        strain: Tensor,
+        compute_forces: bool,
+        compute_stress: bool,
+        retain_graph: bool,
+    ) -> Dict[str, Tensor]:
+        """Forces and stress from one backward pass of the structure energies;
+        ``retain_graph`` keeps the autograd graph for further derivatives."""
+        compute_forces = compute_forces and self.do_derivatives
+        compute_stress = compute_stress and self.do_derivatives
         if not (compute_forces or compute_stress):
             return outputs
-
         inputs: List[Tensor] = []
         if compute_forces:
             inputs.append(positions)
         if compute_stress:
             inputs.append(strain)
         gradients = torch.autograd.grad(
-            [energy.sum()], inputs, create_graph=self.training, allow_unused=True
+            [outputs[keys.ENERGY].sum()],
+            inputs,
+            retain_graph=retain_graph or self.training,
+            create_graph=self.training,
+            allow_unused=True,
         )
         if compute_forces:
             outputs[keys.FORCES] = -_or_zeros(gradients[0], positions)

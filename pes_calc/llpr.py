@@ -1,0 +1,407 @@
+"""`LLPR`: last-layer prediction rigidity uncertainties for any trained `Potential`.
+
+Each architecture writes per-atom energies as e_i = f_i · w, and the potential
+scales them by σ_t, so the per-atom energy depends on the last-layer weights w
+through the features g_i = σ_{t(i)} f_i. With F the feature matrix of the training
+set and ς the regulariser (Bigi et al., Eq. 24):
+
+| quantity | key | formula |
+|---|---|---|
+| covariance | `covariance` | C = Σ_s (g_s / n_s)(g_s / n_s)ᵀ over training structures s |
+| factor | `inverse_cholesky` | L⁻¹, with C + ς² I = L Lᵀ (float64) |
+| per-structure σ_E | `energy_uncertainty` | α ‖L⁻¹ g_s‖, g_s = Σ_{i in s} g_i |
+| per-atom σ_i | `energies_uncertainty` | α ‖L⁻¹ g_i‖ |
+| ensemble members | `ensemble_displacements` | Δw_k = α L⁻ᵀ z_k, z_k ~ N(0, I), re-centred |
+| ensemble energies | `energy_ensemble` | E + g_s · Δw_k |
+| ensemble forces | `forces_ensemble` | F - ∂(g_s · Δw_k)/∂R |
+| σ of forces | `forces_uncertainty` | √(mean_k (F_k - F)²) |
+
+The covariance uses per-atom-normalised structure features, matching a loss on
+energy per atom; σ_E of the total energy is then α ‖L⁻¹ g_s‖ = n σ_{E/n}, so
+covariance, calibration and inference share one normalisation. The ensemble
+displacements are centred on use, so the ensemble mean is always the model's
+prediction (shifts, composition and ZBL included). Units: eV, eV/Å.
+
+Fitting (`fit_covariance`, `factorise`, `calibrate`, `sample_ensemble`) runs once
+after training, one pass over the data each; `pes_calc.train` drives it.
+"""
+
+import math
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from pes_calc import keys
+from pes_calc.graph import AtomicGraph, atoms_per_structure, sum_per_structure
+from pes_calc.potential import Potential, _or_zeros
+
+CALIBRATION_METHODS = ("absolute_residuals", "squared_residuals", "crps")
+# ς for regularizer: null starts here and grows ×10 until Cholesky succeeds
+SMALLEST_REGULARIZER = 1e-20
+
+
+class Float64State(nn.Module):
+    """LLPR's fitted tensors, kept in float64 whatever dtype the model is cast to
+    (``.to(dtype)`` moves them between devices only): the covariance of a float32
+    model's features spans more decades than float32 holds."""
+
+    def __init__(self, num_features: int, num_members: int):
+        super().__init__()
+        f64 = torch.float64
+        self.register_buffer("covariance", torch.zeros(num_features, num_features, dtype=f64))
+        self.register_buffer("inverse_cholesky", torch.eye(num_features, dtype=f64))
+        self.register_buffer("multiplier", torch.ones((), dtype=f64))
+        self.register_buffer("regularizer", torch.zeros((), dtype=f64))
+        self.ensemble_displacements = nn.Parameter(
+            torch.zeros(num_features, num_members, dtype=f64), requires_grad=False
+        )
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
+        def device_of(tensor: Tensor) -> torch.device:
+            return fn(torch.empty(0, dtype=tensor.dtype, device=tensor.device)).device
+
+        for name, buffer in self._buffers.items():
+            if buffer is not None:
+                self._buffers[name] = buffer.to(device_of(buffer))
+        for parameter in self._parameters.values():
+            if parameter is not None:
+                parameter.data = parameter.data.to(device_of(parameter))
+        return self
+
+
+class LLPR(nn.Module):
+    """A trained `Potential` with LLPR uncertainties and a last-layer ensemble.
+
+    Outputs (`pes_calc.keys`): the potential's, plus ``energy_uncertainty`` (S,),
+    ``energies_uncertainty`` (N,), and with ensemble members ``energy_ensemble``
+    (S, M), ``forces_ensemble`` (M, N, 3) and ``forces_uncertainty`` (N, 3), all
+    standard deviations in eV and eV/Å. Ensemble forces cost min(M, F) extra
+    backward passes; set ``ensemble_forces = False`` to skip them.
+    """
+
+    __jit_unused_properties__ = ["config", "do_derivatives"]
+
+    def __init__(self, potential: Potential, num_ensemble_members: int = 0):
+        super().__init__()
+        if num_ensemble_members < 0:
+            raise ValueError("num_ensemble_members must be ≥ 0")
+        self.potential = potential
+        self.species: List[str] = list(potential.species)
+        self.cutoff: float = potential.cutoff
+        self.num_features: int = int(potential.architecture.last_layer.weight.shape[1])
+        self.num_ensemble_members: int = int(num_ensemble_members)
+        self.state = Float64State(self.num_features, self.num_ensemble_members)
+        self.ensemble_forces: bool = True
+
+    @property
+    def config(self) -> dict:
+        return self.potential.config
+
+    @config.setter
+    def config(self, value: dict) -> None:
+        self.potential.config = value
+
+    @property
+    def do_derivatives(self) -> bool:
+        return self.potential.do_derivatives
+
+    @do_derivatives.setter
+    def do_derivatives(self, value: bool) -> None:
+        self.potential.do_derivatives = value
+
+    def llpr_features(self, last_layer_features: Tensor, species: Tensor) -> Tensor:
+        """(N, F) g_i = σ_t f_i: the derivative of E_i with respect to w."""
+        scales = self.potential.per_type_energy_scales[species]
+        return last_layer_features * scales.to(last_layer_features.dtype).unsqueeze(-1)
+
+    def centred_displacements(self) -> Tensor:
+        """(F, M) float64 Δw_k minus their mean: the ensemble mean is the model."""
+        # float64 even in a TorchScript model cast with .to(dtype)
+        displacements = self.state.ensemble_displacements.to(torch.float64)
+        return displacements - displacements.mean(dim=1, keepdim=True)
+
+    def forward(
+        self,
+        graph: AtomicGraph,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+    ) -> Dict[str, Tensor]:
+        potential = self.potential
+        compute_forces = compute_forces and potential.do_derivatives
+        compute_stress = compute_stress and potential.do_derivatives
+        with_ensemble = self.num_ensemble_members > 0
+        ensemble_forces = compute_forces and self.ensemble_forces and with_ensemble
+        outputs, positions, strain = potential.predict_energies(
+            graph, compute_forces, compute_stress
+        )
+        energy = outputs[keys.ENERGY]
+        dtype = energy.dtype
+        atom_features = self.llpr_features(outputs[keys.LAST_LAYER_FEATURES], graph.species)
+        structure_features = sum_per_structure(atom_features, graph)  # (S, F)
+
+        inverse = self.state.inverse_cholesky.to(torch.float64)
+        alpha = self.state.multiplier.to(torch.float64)
+        atom_sigma = alpha * torch.linalg.vector_norm(
+            atom_features.to(torch.float64) @ inverse.T, dim=-1
+        )
+        structure_sigma = alpha * torch.linalg.vector_norm(
+            structure_features.to(torch.float64) @ inverse.T, dim=-1
+        )
+        outputs[keys.ENERGIES_UNCERTAINTY] = atom_sigma.to(dtype)
+        outputs[keys.ENERGY_UNCERTAINTY] = structure_sigma.to(dtype)
+        displacements = self.centred_displacements()
+        if with_ensemble:
+            shifts = structure_features.to(torch.float64) @ displacements  # (S, M)
+            outputs[keys.ENERGY_ENSEMBLE] = energy.unsqueeze(-1) + shifts.to(dtype)
+
+        outputs = potential.add_derivatives(
+            outputs, graph, positions, strain, compute_forces, compute_stress, ensemble_forces
+        )
+        if ensemble_forces:
+            shifts_gradient = self._ensemble_energy_gradients(
+                structure_features, positions, displacements
+            )  # (M, N, 3)
+            forces = outputs[keys.FORCES]
+            forces_ensemble = forces.unsqueeze(0) - shifts_gradient
+            outputs[keys.FORCES_ENSEMBLE] = forces_ensemble
+            outputs[keys.FORCES_UNCERTAINTY] = torch.sqrt(
+                torch.mean(shifts_gradient * shifts_gradient, dim=0)
+            )
+        return outputs
+
+    def _ensemble_energy_gradients(
+        self, structure_features: Tensor, positions: Tensor, displacements: Tensor
+    ) -> Tensor:
+        """(M, N, 3) ∂(g_s · Δw_k)/∂R, from min(M, F) backward passes: one per
+        member, or one per feature (the Jacobian of g_s) when F < M."""
+        num_members = displacements.shape[1]
+        num_features = self.num_features
+        dtype = structure_features.dtype
+        create_graph = self.training
+        rows: List[Tensor] = []
+        by_member = num_members <= num_features
+        count = num_members if by_member else num_features
+        for index in range(count):
+            if by_member:
+                target = structure_features @ displacements[:, index].to(dtype)
+            else:
+                target = structure_features[:, index]
+            gradient = torch.autograd.grad(
+                [target.sum()],
+                [positions],
+                retain_graph=create_graph or index < count - 1,
+                create_graph=create_graph,
+                allow_unused=True,
+            )[0]
+            rows.append(_or_zeros(gradient, positions))
+        stacked = torch.stack(rows)  # (count, N, 3)
+        if by_member:
+            return stacked
+        # Jacobian (F, N, 3) contracted with the (F, M) displacements
+        product = torch.einsum(
+            "fna,fm->mna", stacked.to(torch.float64), displacements
+        )
+        return product.to(dtype)
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def _batches(graphs: Sequence[AtomicGraph], batch_size: int, device: torch.device, dtype):
+    from pes_calc.train.data import batch_order, iterate_batches
+
+    order = batch_order(len(graphs), batch_size, shuffle=False)
+    return iterate_batches(list(graphs), order, device, dtype)
+
+
+def _model_dtype(model: nn.Module) -> torch.dtype:
+    return next(p for p in model.potential.parameters() if p.is_floating_point()).dtype
+
+
+def fit_covariance(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """C = Σ_s (g_s / n_s)(g_s / n_s)ᵀ over ``graphs``: one forward pass each, no
+    derivatives. Stored in ``llpr.state.covariance`` and returned."""
+    device = torch.device(device)
+    dtype = _model_dtype(llpr)
+    covariance = torch.zeros_like(llpr.state.covariance)
+    with torch.no_grad():
+        for batch in _batches(graphs, batch_size, device, dtype):
+            outputs, _, _ = llpr.potential.predict_energies(batch, False, False)
+            features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], batch.species)
+            per_structure = sum_per_structure(features.to(torch.float64), batch)
+            per_structure = per_structure / atoms_per_structure(batch).unsqueeze(-1)
+            covariance += per_structure.T @ per_structure
+    llpr.state.covariance.copy_(covariance)
+    return covariance
+
+
+def factorise(llpr: LLPR, regularizer: Optional[float] = None) -> float:
+    """Factorise C + ς² I = L Lᵀ in float64 and store L⁻¹.
+
+    ``regularizer`` None picks the smallest ς = 1e-20 · 10^k for which Cholesky
+    succeeds and L⁻¹ is finite. Returns the ς used.
+    """
+    covariance = llpr.state.covariance.to(torch.float64)
+    covariance = 0.5 * (covariance + covariance.T)
+    identity = torch.eye(covariance.shape[0], dtype=torch.float64, device=covariance.device)
+    candidates = [float(regularizer)] if regularizer is not None else [
+        SMALLEST_REGULARIZER * 10.0**k for k in range(40)
+    ]
+    for value in candidates:
+        factor, info = torch.linalg.cholesky_ex(covariance + value**2 * identity)
+        if int(info) != 0:
+            continue
+        inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
+        if torch.isfinite(inverse).all():
+            llpr.state.inverse_cholesky.copy_(inverse)
+            llpr.state.regularizer.fill_(value)
+            return value
+    if regularizer is not None:
+        raise ValueError(
+            f"C + ς²I is not positive definite with regularizer ς = {regularizer}; "
+            "use a larger value or null to choose one"
+        )
+    raise ValueError("the LLPR covariance could not be factorised for any regularizer")
+
+
+def raw_energy_errors(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> Tuple[Tensor, Tensor]:
+    """(residuals E_pred - E_ref, uncalibrated σ_E) over structures with an energy
+    label, in float64 eV."""
+    device = torch.device(device)
+    dtype = _model_dtype(llpr)
+    residuals, sigmas = [], []
+    with torch.no_grad():
+        for batch in _batches(graphs, batch_size, device, dtype):
+            if keys.ENERGY not in batch.properties:
+                continue
+            outputs, _, _ = llpr.potential.predict_energies(batch, False, False)
+            features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], batch.species)
+            per_structure = sum_per_structure(features.to(torch.float64), batch)
+            sigma = torch.linalg.vector_norm(
+                per_structure @ llpr.state.inverse_cholesky.T, dim=-1
+            )
+            residual = outputs[keys.ENERGY].double() - batch.properties[keys.ENERGY].double()
+            labelled = torch.isfinite(residual)
+            residuals.append(residual[labelled].cpu())
+            sigmas.append(sigma[labelled].cpu())
+    if not residuals or sum(r.numel() for r in residuals) == 0:
+        raise ValueError("LLPR calibration needs structures with energy labels")
+    return torch.cat(residuals), torch.cat(sigmas)
+
+
+def calibration_factor(residuals: Tensor, sigmas: Tensor, method: str) -> float:
+    """α that scales uncalibrated σ to match ``residuals`` (Gaussian errors).
+
+    - ``absolute_residuals``: α = √(π/2) · mean(|r| / σ) (robust to outliers);
+    - ``squared_residuals``: α = √(mean(r² / σ²)), the NLL minimum;
+    - ``crps``: the α minimising the mean Gaussian CRPS (convex in α).
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(
+            f"unknown calibration_method {method!r}; choose from {CALIBRATION_METHODS}"
+        )
+    residuals = residuals.double()
+    sigmas = sigmas.double().clamp_min(1e-300)
+    if method == "absolute_residuals":
+        return math.sqrt(math.pi / 2) * float(torch.mean(residuals.abs() / sigmas))
+    if method == "squared_residuals":
+        return math.sqrt(float(torch.mean((residuals / sigmas) ** 2)))
+    return _crps_minimum(residuals, sigmas)
+
+
+def gaussian_crps(residuals: Tensor, sigmas: Tensor) -> Tensor:
+    """Mean CRPS of N(0, σ²) predictions for errors r (eV)."""
+    u = residuals / sigmas
+    pdf = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(u / math.sqrt(2)))
+    return torch.mean(sigmas * (u * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi)))
+
+
+def _crps_minimum(residuals: Tensor, sigmas: Tensor) -> float:
+    """Golden-section search on log α (CRPS is convex in α, so unimodal)."""
+    start = math.log(max(calibration_factor(residuals, sigmas, "absolute_residuals"), 1e-300))
+    low, high = start - 12.0, start + 12.0
+    ratio = (math.sqrt(5) - 1) / 2
+
+    def score(log_alpha: float) -> float:
+        return float(gaussian_crps(residuals, math.exp(log_alpha) * sigmas))
+
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    score_a, score_b = score(a), score(b)
+    for _ in range(120):
+        if score_a < score_b:
+            high, b, score_b = b, a, score_a
+            a = high - ratio * (high - low)
+            score_a = score(a)
+        else:
+            low, a, score_a = a, b, score_b
+            b = low + ratio * (high - low)
+            score_b = score(b)
+    return math.exp(0.5 * (low + high))
+
+
+def calibrate(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    method: str = "absolute_residuals",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Fit α on ``graphs`` (the validation set) and store it; returns α."""
+    residuals, sigmas = raw_energy_errors(llpr, graphs, batch_size, device)
+    alpha = calibration_factor(residuals, sigmas, method)
+    llpr.state.multiplier.fill_(alpha)
+    return alpha
+
+
+def sample_ensemble(llpr: LLPR, seed: int = 0) -> None:
+    """Draw Δw_k = α L⁻ᵀ z_k for every member (float64, from ``seed``)."""
+    state = llpr.state
+    generator = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(
+        (llpr.num_features, llpr.num_ensemble_members),
+        generator=generator,
+        dtype=torch.float64,
+    ).to(state.inverse_cholesky.device)
+    displacements = state.multiplier * (state.inverse_cholesky.T @ z)
+    with torch.no_grad():
+        state.ensemble_displacements.copy_(displacements)
+
+
+def wrap(
+    potential: Potential,
+    num_ensemble_members: int,
+    train_graphs: Sequence[AtomicGraph],
+    val_graphs: Sequence[AtomicGraph],
+    *,
+    regularizer: Optional[float] = None,
+    calibration_method: str = "absolute_residuals",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LLPR:
+    """Covariance on ``train_graphs``, factorisation, α on ``val_graphs`` and an
+    ensemble: a ready `LLPR` around ``potential`` (which it shares, not copies)."""
+    llpr = LLPR(potential, num_ensemble_members).to(device).eval()
+    fit_covariance(llpr, train_graphs, batch_size, device)
+    used = factorise(llpr, regularizer)
+    alpha = calibrate(llpr, val_graphs, calibration_method, batch_size, device)
+    sample_ensemble(llpr, seed)
+    llpr.config["llpr"] = {
+        "num_ensemble_members": {"energy": num_ensemble_members},
+        "regularizer": used,
+        "calibration_method": calibration_method,
+        "multiplier": alpha,
+    }
+    return llpr
