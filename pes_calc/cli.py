@@ -148,24 +148,65 @@ def info_command(model: Path, as_json: bool) -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch CPU threads (1 is fastest for small cells on a busy CPU).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--max-uncertainty", type=click.FloatRange(min=0), default=None,
+              help="LLPR models: act when the uncertainty measure exceeds this, in "
+                   "its unit (eV/Å, eV or eV/atom).")
+@click.option("--on-uncertain", type=click.Choice(["stop", "record"]), default=None,
+              help="Over --max-uncertainty: end the run, or record the structure "
+                   "and go on [stop].")
+@click.option("--uncertainty-measure",
+              type=click.Choice(["forces", "energy", "energy_per_atom"]), default=None,
+              help="Max per-atom force σ (eV/Å), energy σ (eV) or energy σ per atom "
+                   "(eV/atom) [forces].")
+@click.option("--uncertainty-interval", type=click.IntRange(min=1), default=None,
+              help="Check every K steps; each check computes the force ensemble, "
+                   "a few MD steps' worth [1].")
+@click.option("--uncertain-structures", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Append structures over --max-uncertainty to this .xyz file "
+                   "[with record: uncertain.xyz next to --trajectory, or here].")
+@click.option("--uncertainty-log", type=click.Path(dir_okay=False, path_type=Path),
+              default=None,
+              help="Write step, time (fs), energy σ (eV) and max force σ (eV/Å) "
+                   "at each check.")
 def md_command(
     model: Path, structure: Path, index: str, ensemble: str, temperature: float,
     steps: int, timestep: float, thermostat: str, friction: float,
     tdamp: float | None, pdamp: float | None, pressure: float,
     trajectory: Path | None, trajectory_interval: int, log: Path | None,
     log_interval: int, device: str | None, dtype: str | None, seed: int | None,
-    threads: int | None, quiet: bool,
+    threads: int | None, quiet: bool, max_uncertainty: float | None,
+    on_uncertain: str | None, uncertainty_measure: str | None,
+    uncertainty_interval: int | None, uncertain_structures: Path | None,
+    uncertainty_log: Path | None,
 ) -> None:
     """Run molecular dynamics with MODEL on STRUCTURE (any ASE-readable file).
 
     MODEL is a .safetensors model or a compiled .pt. Prints a summary at the end.
+    With an LLPR model, any --*uncertain* option watches the uncertainty of the
+    current structure (pes_calc.md.UncertaintyWatch) and reports the largest seen.
     """
     import ase.io
 
     from pes_calc.calculator import PESCalculator
     from pes_calc.io import ModelFileError
-    from pes_calc.md import run_md
+    from pes_calc.md import UncertaintyWatch, run_md
 
+    uncertainty_options = {
+        "--max-uncertainty": max_uncertainty, "--on-uncertain": on_uncertain,
+        "--uncertainty-measure": uncertainty_measure,
+        "--uncertainty-interval": uncertainty_interval,
+        "--uncertain-structures": uncertain_structures,
+        "--uncertainty-log": uncertainty_log,
+    }
+    uncertainty_used = [name for name, value in uncertainty_options.items()
+                        if value is not None]
+    for name in ("--on-uncertain", "--uncertain-structures"):
+        if name in uncertainty_used and max_uncertainty is None:
+            raise click.UsageError(f"{name} needs --max-uncertainty")
+    if on_uncertain == "record" and uncertain_structures is None:
+        directory = trajectory.parent if trajectory is not None else Path()
+        uncertain_structures = directory / "uncertain.xyz"
     if (device or "").startswith("cuda") and not torch.cuda.is_available():
         raise click.UsageError("--device cuda was asked for but no CUDA GPU is visible")
     if threads is not None:
@@ -179,23 +220,47 @@ def md_command(
         ) from error
     if not isinstance(atoms, ase.Atoms):
         raise click.ClickException(f"--index {index} selects more than one frame")
+    watch = None
     try:
         calculator = PESCalculator(
             model, device=device, dtype=DTYPES[dtype] if dtype else None
         )
+        if uncertainty_used and not calculator.is_llpr:
+            raise click.UsageError(
+                f"{', '.join(uncertainty_used)} "
+                f"{'needs' if len(uncertainty_used) == 1 else 'need'} an LLPR model; "
+                f"{model} has no "
+                "uncertainties (wrap a trained model with pes_calc.llpr.wrap, or "
+                "train one with architecture name llpr)"
+            )
+        if uncertainty_used:
+            watch = UncertaintyWatch(
+                max_uncertainty, measure=uncertainty_measure or "forces",
+                on_uncertain=on_uncertain or "stop", record_to=uncertain_structures,
+                log=uncertainty_log, interval=uncertainty_interval or 1,
+            )
         summary = run_md(
             atoms, calculator, ensemble=ensemble, temperature=temperature,
             steps=steps, timestep=timestep, thermostat=thermostat, friction=friction,
             tdamp=tdamp, pdamp=pdamp, pressure=pressure, trajectory=trajectory,
             trajectory_interval=trajectory_interval, log=log,
             log_interval=log_interval, progress=not quiet, seed=seed,
+            observers=[watch] if watch is not None else [],
         )
     except (ModelFileError, ValueError, NotImplementedError) as error:
         raise click.ClickException(str(error)) from error
+    finally:
+        if watch is not None:
+            watch.close()
     click.echo(str(summary))
-    for name, path in (("trajectory", trajectory), ("log", log)):
+    files = [("trajectory", trajectory), ("log", log),
+             ("uncertainty log", uncertainty_log)]
+    for name, path in files:
         if path is not None:
             click.echo(f"  {name:<18} {path}")
+    if watch is not None and uncertain_structures is not None:
+        click.echo(f"  {'uncertain':<18} {len(watch.recorded)} structures appended "
+                   f"to {uncertain_structures}")
 
 
 @main.command("train")
@@ -232,7 +297,9 @@ def train_command(config: Path, outdir: Path, quiet: bool) -> None:
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write parity plots to this image file.")
+              help="Write parity plots to this image file; for models with "
+                   "uncertainties (LLPR) also a calibration plot next to it, "
+                   "FILE-calibration.png for FILE.png.")
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--energy-key", default="energy", show_default=True)
@@ -242,7 +309,13 @@ def eval_command(
     model: Path, data: Path, as_json: bool, plot: Path | None, batch_size: int,
     device: str, energy_key: str, forces_key: str, stress_key: str,
 ) -> None:
-    """Errors of MODEL (.safetensors or compiled .pt) on the labelled DATA file."""
+    """Errors of MODEL (.safetensors or compiled .pt) on the labelled DATA file.
+
+    LLPR models are also scored on their uncertainties σ against the errors r of
+    the structure energy (eV) and of each force component (eV/Å): mean σ, Gaussian
+    NLL (nats, errors in eV), mean z² = r²/σ² (1 if calibrated) and the Spearman
+    rank correlation of σ with |r|.
+    """
     from pes_calc.compile import load_artefact
     from pes_calc.io import ModelFileError
     from pes_calc.neighbors import UnknownSpeciesError
@@ -253,6 +326,7 @@ def eval_command(
         load_graphs,
         parity_plot,
     )
+    from pes_calc.train.evaluation import CALIBRATED, calibration_plot
 
     try:
         module, metadata = load_artefact(model, device)
@@ -263,11 +337,17 @@ def eval_command(
         dtype = DTYPES[metadata["dtype"]]
         evaluation = evaluate(module, graphs, batch_size=batch_size, device=device,
                               dtype=dtype)
-    except (ModelFileError, DatasetError, UnknownSpeciesError, NotImplementedError) as error:
+    except (ModelFileError, DatasetError, UnknownSpeciesError,
+            NotImplementedError) as error:
         raise click.ClickException(str(error)) from error
     metrics = evaluation.metrics()
+    calibration = None
     if plot is not None:
         parity_plot(evaluation, str(plot), title=f"{model.name} on {data.name}")
+        if any(f"{name}_nll" in metrics for name in CALIBRATED):
+            calibration = plot.with_name(f"{plot.stem}-calibration{plot.suffix}")
+            calibration_plot(evaluation, str(calibration),
+                             title=f"{model.name} on {data.name}")
     if as_json:
         click.echo(json.dumps(metrics, indent=2))
         return
@@ -280,8 +360,19 @@ def eval_command(
                 f"  {name:<16} RMSE {factor * metrics[f'{name}_rmse']:10.3f}  "
                 f"MAE {factor * metrics[f'{name}_mae']:10.3f}  {unit}"
             )
+    for name, unit in (("energy", "meV"), ("forces", "meV/Å")):
+        if f"{name}_nll" in metrics:
+            sigma = 1e3 * metrics[f"{name}_uncertainty_mean"]
+            click.echo(
+                f"  {name + ' σ':<16} mean {sigma:10.3f} {unit:<7} "
+                f"NLL {metrics[f'{name}_nll']:8.3f}  "
+                f"z² {metrics[f'{name}_mean_squared_z']:7.3f}  "
+                f"Spearman {metrics[f'{name}_spearman']:6.3f}"
+            )
     if plot is not None:
         click.echo(f"  parity plot: {plot}")
+    if calibration is not None:
+        click.echo(f"  calibration plot: {calibration}")
 
 
 if __name__ == "__main__":  # torchrun -m pes_calc.cli train ...

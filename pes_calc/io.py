@@ -140,8 +140,8 @@ def load_model(path: str | os.PathLike) -> Potential | LLPR:
             members = int(metadata["llpr"]["num_ensemble_members"].get("energy", 0))
         except (KeyError, TypeError, AttributeError, ValueError) as error:
             raise ModelFileError(f"{path}: damaged LLPR settings: {error!r}") from error
-        model.config["llpr"] = metadata["llpr"]
         model = LLPR(model, members)
+        model.config["llpr"] = metadata["llpr"]
     model = model.to(dtype)
     try:
         missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -26,6 +26,7 @@ Fitting (`fit_covariance`, `factorise`, `calibrate`, `sample_ensemble`) runs onc
 after training, one pass over the data each; `pes_calc.train` drives it.
 """
 
+import copy
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -33,12 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from pes_calc import keys
-from pes_calc.graph import AtomicGraph, atoms_per_structure, sum_per_structure
+from pes_calc.graph import AtomicGraph, atoms_per_structure, graph_to, sum_per_structure
 from pes_calc.potential import Potential, _or_zeros
 
 CALIBRATION_METHODS = ("absolute_residuals", "squared_residuals", "crps")
 # ς for regularizer: null starts here and grows ×10 until Cholesky succeeds
 SMALLEST_REGULARIZER = 1e-20
+# max |L⁻¹ (C + ς²I) L⁻ᵀ - I| accepted: with ς² below the rounding level of C,
+# Cholesky can succeed on rounding noise and leave a finite but wrong L⁻¹
+FACTOR_TOLERANCE = 1e-6
 
 
 class Float64State(nn.Module):
@@ -80,7 +84,8 @@ class LLPR(nn.Module):
     backward passes; set ``ensemble_forces = False`` to skip them.
     """
 
-    __jit_unused_properties__ = ["config", "do_derivatives"]
+    __jit_ignored_attributes__ = ["config"]
+    __jit_unused_properties__ = ["do_derivatives"]
 
     def __init__(self, potential: Potential, num_ensemble_members: int = 0):
         super().__init__()
@@ -93,14 +98,8 @@ class LLPR(nn.Module):
         self.num_ensemble_members: int = int(num_ensemble_members)
         self.state = Float64State(self.num_features, self.num_ensemble_members)
         self.ensemble_forces: bool = True
-
-    @property
-    def config(self) -> dict:
-        return self.potential.config
-
-    @config.setter
-    def config(self, value: dict) -> None:
-        self.potential.config = value
+        # the wrapped model's config plus "llpr" settings; the potential keeps its own
+        self.config: dict = copy.deepcopy(potential.config)
 
     @property
     def do_derivatives(self) -> bool:
@@ -245,7 +244,7 @@ def factorise(llpr: LLPR, regularizer: Optional[float] = None) -> float:
     """Factorise C + ς² I = L Lᵀ in float64 and store L⁻¹.
 
     ``regularizer`` None picks the smallest ς = 1e-20 · 10^k for which Cholesky
-    succeeds and L⁻¹ is finite. Returns the ς used.
+    succeeds and L⁻¹ reproduces C + ς²I (to `FACTOR_TOLERANCE`). Returns the ς used.
     """
     covariance = llpr.state.covariance.to(torch.float64)
     covariance = 0.5 * (covariance + covariance.T)
@@ -254,17 +253,20 @@ def factorise(llpr: LLPR, regularizer: Optional[float] = None) -> float:
         SMALLEST_REGULARIZER * 10.0**k for k in range(40)
     ]
     for value in candidates:
-        factor, info = torch.linalg.cholesky_ex(covariance + value**2 * identity)
+        regularized = covariance + value**2 * identity
+        factor, info = torch.linalg.cholesky_ex(regularized)
         if int(info) != 0:
             continue
         inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
-        if torch.isfinite(inverse).all():
+        residual = (inverse @ regularized @ inverse.T - identity).abs().max()
+        if bool(residual <= FACTOR_TOLERANCE):  # False for inf/NaN too
             llpr.state.inverse_cholesky.copy_(inverse)
             llpr.state.regularizer.fill_(value)
             return value
     if regularizer is not None:
         raise ValueError(
-            f"C + ς²I is not positive definite with regularizer ς = {regularizer}; "
+            f"C + ς²I is not positive definite (or too ill-conditioned to factorise "
+            f"to {FACTOR_TOLERANCE:g}) with regularizer ς = {regularizer}; "
             "use a larger value or null to choose one"
         )
     raise ValueError("the LLPR covariance could not be factorised for any regularizer")
@@ -405,3 +407,90 @@ def wrap(
         "multiplier": alpha,
     }
     return llpr
+
+
+# ------------------------------------------------- ensemble training, frozen model
+
+# keys of the per-graph cache `linearise` adds to graph.properties
+_CACHED = ("llpr_energy", "llpr_forces", "llpr_stress", "llpr_structure_features",
+           "llpr_feature_jacobian")
+
+
+def linearise(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    compute_stress: bool,
+    device: torch.device | str = "cpu",
+) -> List[AtomicGraph]:
+    """Copies of ``graphs`` whose properties also hold what a frozen model gives
+    them: energy, forces, stress, structure features g_s (S, F) and their
+    Jacobian ∂g_s/∂R stored per atom (N, F, 3). With the backbone frozen, the
+    ensemble's energies and forces are linear in the displacements, so
+    `LinearisedEnsemble` can train them without running the model again."""
+    device = torch.device(device)
+    dtype = _model_dtype(llpr)
+    result = []
+    for graph in graphs:
+        graph = graph._replace(properties={
+            k: v for k, v in graph.properties.items() if k not in _CACHED
+        })
+        moved = graph_to(graph, device, dtype)
+        outputs, positions, strain = llpr.potential.predict_energies(moved, True, compute_stress)
+        features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], moved.species)
+        structure_features = sum_per_structure(features, moved)  # (1, F)
+        outputs = llpr.potential.add_derivatives(
+            outputs, moved, positions, strain, True, compute_stress, True
+        )
+        rows = []
+        for index in range(llpr.num_features):
+            gradient = torch.autograd.grad(
+                [structure_features[:, index].sum()], [positions],
+                retain_graph=index < llpr.num_features - 1, allow_unused=True,
+            )[0]
+            rows.append(_or_zeros(gradient, positions))
+        jacobian = torch.stack(rows, dim=1)  # (N, F, 3)
+        cache = {
+            "llpr_energy": outputs[keys.ENERGY],
+            "llpr_forces": outputs[keys.FORCES],
+            "llpr_structure_features": structure_features,
+            "llpr_feature_jacobian": jacobian,
+        }
+        if compute_stress:
+            cache["llpr_stress"] = outputs[keys.STRESS]
+        properties = dict(graph.properties)
+        properties.update({k: v.detach().to("cpu") for k, v in cache.items()})
+        result.append(graph._replace(properties=properties))
+    return result
+
+
+class LinearisedEnsemble(nn.Module):
+    """The LLPR ensemble of a frozen model, evaluated on `linearise`d graphs:
+    energy_ensemble = E + g_s · Δw_k, forces_ensemble = F - (∂g_s/∂R) · Δw_k.
+    Only ``llpr.state.ensemble_displacements`` is trained through it."""
+
+    def __init__(self, llpr: LLPR):
+        super().__init__()
+        self.llpr = llpr
+
+    def forward(
+        self, graph: AtomicGraph, compute_forces: bool = True, compute_stress: bool = True
+    ) -> Dict[str, Tensor]:
+        properties = graph.properties
+        displacements = self.llpr.centred_displacements()
+        energy = properties["llpr_energy"]
+        features = properties["llpr_structure_features"].to(torch.float64)
+        outputs = {
+            keys.ENERGY: energy,
+            keys.ENERGY_ENSEMBLE: energy.unsqueeze(-1) + (features @ displacements).to(energy.dtype),
+        }
+        if compute_forces:
+            forces = properties["llpr_forces"]
+            deviations = torch.einsum(
+                "nfa,fm->mna", properties["llpr_feature_jacobian"].to(torch.float64),
+                displacements,
+            )
+            outputs[keys.FORCES] = forces
+            outputs[keys.FORCES_ENSEMBLE] = forces.unsqueeze(0) - deviations.to(forces.dtype)
+        if compute_stress and "llpr_stress" in properties:
+            outputs[keys.STRESS] = properties["llpr_stress"]
+        return outputs

@@ -1,8 +1,25 @@
-"""Errors of a model on labelled graphs, and parity plots.
+"""Errors of a model on labelled graphs, parity plots, and the calibration of
+predicted uncertainties (LLPR models).
 
 Used by the trainer for validation and by ``pes-calc eval``. Errors accumulate
 sums over the whole set (not averages of batch averages), so the numbers do not
 depend on the batch size. Units: eV/atom, eV/Å, eV/Å³.
+
+A model whose outputs hold ``energy_uncertainty`` (and ``forces_uncertainty``) is
+also scored on its standard deviations σ against the residuals r = predicted -
+reference of the structure energy (what LLPR calibrates) and of each force
+component:
+
+| metric | formula | ideal |
+|---|---|---|
+| ``<q>_nll`` | mean ½ (log(2π σ²) + r²/σ²) | low; over σ → cσ, least at mean z² = 1 |
+| ``<q>_mean_squared_z`` | mean z², z = r/σ | 1 (> 1 overconfident) |
+| ``<q>_spearman`` | rank correlation of σ and abs(r) | near 1 (σ ranks errors) |
+| ``<q>_uncertainty_mean`` | mean σ | |
+
+q is ``energy`` (eV) or ``forces`` (eV/Å). The NLL is in nats for errors in eV
+(eV/Å): the log-density of a residual, so it shifts by log(1000) ≈ 6.91 if the
+same errors were measured in meV.
 """
 
 from __future__ import annotations
@@ -25,6 +42,13 @@ QUANTITIES = {
     "forces": "eV/Å",
     "stress": "eV/Å³",
 }
+# what predicted σ are scored against: the total energy, since that is the
+# quantity LLPR's σ_E and its calibration describe, and each force component
+CALIBRATED = {
+    "energy": "eV",
+    "forces": "eV/Å",
+}
+CALIBRATION_BINS = 12
 
 
 @dataclass
@@ -36,6 +60,9 @@ class Evaluation:
     num_structures: int = 0
     loss_sum: float = 0.0
     num_batches: int = 0
+    # residuals and predicted σ of `CALIBRATED` quantities (uncertainty models only)
+    residuals: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    uncertainties: dict[str, list[np.ndarray]] = field(default_factory=dict)
 
     @property
     def mean_loss(self) -> float:
@@ -44,15 +71,41 @@ class Evaluation:
 
     def add(self, name: str, predicted: torch.Tensor, target: torch.Tensor) -> None:
         mask = torch.isfinite(target)
-        self.predicted.setdefault(name, []).append(predicted.detach()[mask].cpu().double().numpy())
+        predicted = predicted.detach()[mask]
+        self.predicted.setdefault(name, []).append(predicted.cpu().double().numpy())
         self.target.setdefault(name, []).append(target[mask].cpu().double().numpy())
 
     def arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         return np.concatenate(self.predicted[name]), np.concatenate(self.target[name])
 
+    def add_uncertainty(
+        self,
+        name: str,
+        predicted: torch.Tensor,
+        target: torch.Tensor,
+        uncertainty: torch.Tensor,
+    ) -> None:
+        """Residuals and σ (same shape as ``target``) of the labelled entries whose
+        σ is positive: a zero σ (a force fixed by symmetry) has no z-score."""
+        sigma = uncertainty.detach()
+        mask = torch.isfinite(target) & torch.isfinite(sigma) & (sigma > 0)
+        residual = predicted.detach()[mask].double() - target[mask].double()
+        self.residuals.setdefault(name, []).append(residual.cpu().numpy())
+        sigma = sigma[mask].double()
+        self.uncertainties.setdefault(name, []).append(sigma.cpu().numpy())
+
+    def calibration_arrays(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(residuals, σ) of ``name`` in `CALIBRATED` units."""
+        residuals, sigmas = self.residuals[name], self.uncertainties[name]
+        return np.concatenate(residuals), np.concatenate(sigmas)
+
     def metrics(self) -> dict[str, float]:
         """``<quantity>_rmse`` and ``<quantity>_mae`` for each labelled quantity, plus
-        ``rmse_prod`` and ``mae_prod`` (the products, metatrain's model selection)."""
+        ``rmse_prod`` and ``mae_prod`` (the products, metatrain's model selection).
+
+        Models with uncertainties add `calibration_metrics` for ``energy`` (the
+        structure energy, eV) and ``forces`` (eV/Å) as ``energy_nll`` etc.
+        """
         results: dict[str, float] = {}
         for name in QUANTITIES:
             if name not in self.predicted:
@@ -67,8 +120,68 @@ class Evaluation:
             values = [v for k, v in results.items() if k.endswith(f"_{kind}")]
             if values:
                 results[f"{kind}_prod"] = float(math.prod(values))
+        for name in CALIBRATED:
+            if name not in self.residuals:
+                continue
+            residuals, sigmas = self.calibration_arrays(name)
+            if residuals.size == 0:
+                continue
+            for metric, value in calibration_metrics(residuals, sigmas).items():
+                results[f"{name}_{metric}"] = value
         results["num_structures"] = self.num_structures
         return results
+
+
+def average_ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks of ``values``; tied values share the mean of their ranks."""
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    last = np.cumsum(counts)  # rank of the last member of each group of equal values
+    return (last - 0.5 * (counts - 1))[inverse.reshape(-1)].astype(np.float64)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's rank correlation: Pearson's of the average ranks (ties
+    included); NaN when either has fewer than two distinct values."""
+    rank_x, rank_y = average_ranks(np.ravel(x)), average_ranks(np.ravel(y))
+    rank_x, rank_y = rank_x - rank_x.mean(), rank_y - rank_y.mean()
+    norm = math.sqrt(float(np.sum(rank_x**2) * np.sum(rank_y**2)))
+    return float(np.sum(rank_x * rank_y) / norm) if norm > 0 else math.nan
+
+
+def calibration_metrics(residuals: np.ndarray, sigmas: np.ndarray) -> dict[str, float]:
+    """How well σ describes residuals r, both in one unit (eV or eV/Å).
+
+    ``nll``: mean Gaussian negative log-likelihood ½ (log(2π σ²) + r²/σ²), in nats
+    for that unit; ``mean_squared_z``: mean r²/σ², 1 when the σ are calibrated,
+    above 1 when overconfident; ``spearman``: rank correlation of σ with |r|,
+    whether larger σ flag larger errors; ``uncertainty_mean``: mean σ.
+    """
+    residuals = np.asarray(residuals, dtype=np.float64)
+    sigmas = np.asarray(sigmas, dtype=np.float64)
+    squared_z = (residuals / sigmas) ** 2
+    return {
+        "nll": float(np.mean(0.5 * (np.log(2 * math.pi * sigmas**2) + squared_z))),
+        "mean_squared_z": float(np.mean(squared_z)),
+        "spearman": spearman(sigmas, np.abs(residuals)),
+        "uncertainty_mean": float(np.mean(sigmas)),
+    }
+
+
+def calibration_bins(
+    residuals: np.ndarray, sigmas: np.ndarray, num_bins: int = CALIBRATION_BINS
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(RMS σ, RMS residual, count) in ``num_bins`` bins of ascending σ holding
+    equal numbers of samples (quantile bins; fewer when there are fewer samples).
+
+    RMS σ, not mean σ, is the x value: calibrated Gaussian errors have
+    E[r²] = σ², so RMS r = RMS σ in every bin, while mean σ ≤ RMS σ would bend the
+    curve of a perfect model off the diagonal in wide bins.
+    """
+    order = np.argsort(sigmas, kind="stable")
+    groups = [g for g in np.array_split(order, min(num_bins, len(order))) if g.size]
+    rms_sigma = np.array([math.sqrt(float(np.mean(sigmas[g] ** 2))) for g in groups])
+    rms_error = np.array([math.sqrt(float(np.mean(residuals[g] ** 2))) for g in groups])
+    return rms_sigma, rms_error, np.array([g.size for g in groups])
 
 
 def evaluate(
@@ -82,7 +195,8 @@ def evaluate(
 ) -> Evaluation:
     """Run ``model`` (eager or TorchScript) over labelled ``graphs`` and collect
     predictions against labels; ``loss_fn`` (a `TotalLoss`) is also evaluated per
-    batch."""
+    batch. Predicted ``energy_uncertainty`` and ``forces_uncertainty`` (an `LLPR`
+    with ``ensemble_forces`` on) are collected with their residuals."""
     if dtype is None:
         dtype = next(iter(model.parameters())).dtype
     labels = set(graphs[0].properties) if graphs else set()
@@ -105,10 +219,25 @@ def evaluate(
                 predictions[keys.ENERGY] / counts,
                 batch.properties[keys.ENERGY] / counts,
             )
+        targets = batch.properties
         if compute_forces:
-            evaluation.add("forces", predictions[keys.FORCES], batch.properties[keys.FORCES])
+            evaluation.add("forces", predictions[keys.FORCES], targets[keys.FORCES])
         if compute_stress:
-            evaluation.add("stress", predictions[keys.STRESS], batch.properties[keys.STRESS])
+            evaluation.add("stress", predictions[keys.STRESS], targets[keys.STRESS])
+        if keys.ENERGY in labels and keys.ENERGY_UNCERTAINTY in predictions:
+            evaluation.add_uncertainty(
+                "energy",
+                predictions[keys.ENERGY],
+                targets[keys.ENERGY],
+                predictions[keys.ENERGY_UNCERTAINTY],
+            )
+        if compute_forces and keys.FORCES_UNCERTAINTY in predictions:
+            evaluation.add_uncertainty(
+                "forces",
+                predictions[keys.FORCES],
+                targets[keys.FORCES],
+                predictions[keys.FORCES_UNCERTAINTY],
+            )
     return evaluation
 
 
@@ -122,8 +251,10 @@ def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> None:
 
     names = [n for n in QUANTITIES if n in evaluation.predicted]
     metrics = evaluation.metrics()
-    figure, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
-    for axis, name in zip(axes[0], names):
+    figure, axes = plt.subplots(
+        1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False
+    )
+    for axis, name in zip(axes[0], names, strict=True):
         predicted, target = evaluation.arrays(name)
         axis.scatter(target, predicted, s=4, alpha=0.5, linewidths=0)
         low, high = float(np.min([target.min(), predicted.min()])), float(
@@ -139,3 +270,73 @@ def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def calibration_plot(evaluation: Evaluation, path: str, title: str = "") -> None:
+    """One row per `CALIBRATED` quantity with uncertainties: RMS error against RMS
+    predicted σ in quantile bins of σ (log-log, y = x is calibrated), and the
+    histogram of z = r/σ against the standard normal; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: never needs a display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    names = [n for n in CALIBRATED if n in evaluation.residuals]
+    names = [n for n in names if evaluation.calibration_arrays(n)[0].size]
+    if not names:
+        raise ValueError("the evaluation holds no predicted uncertainties to plot")
+    metrics = evaluation.metrics()
+    figure, axes = plt.subplots(
+        len(names), 2, figsize=(8.4, 4.2 * len(names)), squeeze=False
+    )
+    for (binned, histogram), name in zip(axes, names, strict=True):
+        residuals, sigmas = evaluation.calibration_arrays(name)
+        unit = CALIBRATED[name]
+        rms_sigma, rms_error, _ = calibration_bins(residuals, sigmas)
+        low = float(min(rms_sigma.min(), rms_error[rms_error > 0].min(initial=np.inf)))
+        high = float(max(rms_sigma.max(), rms_error.max()))
+        binned.plot([low, high], [low, high], color="black", linewidth=0.8,
+                    label="y = x")
+        binned.plot(rms_sigma, rms_error, "o-", markersize=4,
+                    label=f"{len(rms_sigma)} bins")
+        binned.set_xscale("log")
+        binned.set_yscale("log")
+        # same decades on both axes, so that the diagonal is at 45°
+        binned.set_xlim(low / 1.25, high * 1.25)
+        binned.set_ylim(low / 1.25, high * 1.25)
+        binned.set_aspect("equal", adjustable="box")
+        for axis in (binned.xaxis, binned.yaxis):  # all minor labels would collide
+            axis.set_major_formatter(FuncFormatter(_log_tick))
+            axis.set_minor_formatter(FuncFormatter(_log_tick))
+        binned.set_xlabel(f"RMS predicted σ ({unit})")
+        binned.set_ylabel(f"RMS error ({unit})")
+        binned.set_title(
+            f"{name}: ⟨z²⟩ {metrics[f'{name}_mean_squared_z']:.3g}, "
+            f"Spearman {metrics[f'{name}_spearman']:.2f}"
+        )
+        binned.legend(loc="upper left")
+        z = residuals / sigmas
+        limit = 5.0
+        outside = float(np.mean(np.abs(z) > limit))
+        bins = int(np.clip(math.sqrt(z.size), 10, 50))  # few structures, few bins
+        histogram.hist(z, bins=bins, range=(-limit, limit), density=True, alpha=0.6,
+                       label=f"{name} ({100 * outside:.1f}% beyond ±{limit:g})")
+        grid = np.linspace(-limit, limit, 201)
+        histogram.plot(grid, np.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi),
+                       color="black", linewidth=0.8, label="N(0, 1)")
+        histogram.set_xlabel("z = (predicted - reference) / σ")
+        histogram.set_ylabel("density")
+        histogram.set_title(f"{name}: NLL {metrics[f'{name}_nll']:.3f} (nats, {unit})")
+        histogram.legend(loc="upper left", fontsize="small")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _log_tick(value: float, _position: int) -> str:
+    """Label 1, 2 and 5 times powers of ten on a log axis, plainly (0.05)."""
+    leading = round(value / 10.0 ** math.floor(math.log10(value))) if value > 0 else 0
+    return f"{value:.3g}" if leading in (1, 2, 5) else ""

@@ -165,6 +165,76 @@ class TotalLoss(nn.Module):
         return total, terms
 
 
+class EnsembleNLLLoss(Loss):
+    """Gaussian negative log-likelihood of the labels under an LLPR ensemble:
+    mean 0.5 (log(2π s²) + r²/s²) with r the model's error and s² the ensemble
+    variance around the model's prediction (the ensemble is centred on it).
+
+    ``property`` is ``"energy"`` (per atom: energies and spreads divided by the
+    atom count) or ``"forces"`` (per component), from ``energy_ensemble`` (S, M)
+    and ``forces_ensemble`` (M, N, 3).
+    """
+
+    # s² floor (eV², eV²/Å²): a component with no spread must not give log(0)
+    VARIANCE_FLOOR = 1e-12
+
+    def __init__(self, property: str, weight: float = 1.0):
+        super().__init__(weight)
+        if property not in (keys.ENERGY, keys.FORCES):
+            raise ValueError(f"ensemble_nll covers energy and forces, not {property!r}")
+        self.property = property
+
+    @property
+    def name(self) -> str:
+        return "energy_per_atom_nll" if self.property == keys.ENERGY else "forces_nll"
+
+    @property
+    def required_properties(self) -> list[str]:
+        if self.property == keys.ENERGY:
+            return [keys.ENERGY, keys.ENERGY_ENSEMBLE]
+        return [keys.FORCES, keys.FORCES_ENSEMBLE]
+
+    def forward(self, model, graph, predictions):
+        if self.property == keys.ENERGY:
+            counts = atoms_per_structure(graph).to(predictions[keys.ENERGY].dtype)
+            mean = predictions[keys.ENERGY] / counts
+            members = predictions[keys.ENERGY_ENSEMBLE] / counts.unsqueeze(-1)
+            variance = (members - mean.unsqueeze(-1)).square().mean(dim=-1)
+            target = graph.properties[keys.ENERGY] / counts
+        else:
+            mean = predictions[keys.FORCES]
+            variance = (predictions[keys.FORCES_ENSEMBLE] - mean).square().mean(dim=0)
+            target = graph.properties[keys.FORCES]
+        known = torch.isfinite(target)
+        if not bool(known.any()):
+            return mean.sum() * 0.0
+        variance = variance[known] + self.VARIANCE_FLOOR
+        errors = mean[known] - target[known].to(mean.dtype)
+        return 0.5 * torch.mean(torch.log(2 * torch.pi * variance) + errors.square() / variance)
+
+
+def ensemble_loss_from_config(spec: str | Mapping | None, available: Sequence[str]) -> TotalLoss:
+    """The LLPR ensemble objective: ``"ensemble_nll"`` (energy per atom and, when
+    labelled, forces, weight 1 each) or ``{type: ensemble_nll, energy: w, forces: w}``.
+    Forces count by default: an energy-only objective leaves force spreads untuned."""
+    spec = {"type": spec} if isinstance(spec, str) or spec is None else dict(spec)
+    kind = spec.pop("type", "ensemble_nll") or "ensemble_nll"
+    if kind not in ("ensemble_nll", "gaussian_nll_ensemble"):
+        raise ValueError(f"unknown LLPR loss {kind!r}; use ensemble_nll")
+    unknown = set(spec) - {"energy", "forces"}
+    if unknown:
+        raise ValueError(f"ensemble_nll: unknown keys {sorted(unknown)}; known: type, energy, forces")
+    if not spec:
+        spec = {name: 1.0 for name in ("energy", "forces") if name in available}
+    losses = []
+    for term, weight in spec.items():
+        if term not in available:
+            raise ValueError(f"loss.{term} needs {term} labels, which the training data lacks")
+        if float(weight) != 0.0:
+            losses.append(EnsembleNLLLoss(term, float(weight)))
+    return TotalLoss(losses)
+
+
 # config names of the common terms; "energy" means per-atom energy (eV/atom)
 _TERMS = {
     "energy": lambda metric, weight: PerAtomEnergyLoss(metric, weight),

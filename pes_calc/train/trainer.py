@@ -27,7 +27,9 @@ from torch import nn
 from pes_calc import keys
 from pes_calc.build import DTYPES, build_model, cutoff_of
 from pes_calc.graph import graph_to
-from pes_calc.io import load_model, save_model
+from pes_calc.io import ModelFileError, load_model, save_model
+from pes_calc.llpr import LLPR, LinearisedEnsemble, linearise
+from pes_calc.llpr import wrap as llpr_wrap
 from pes_calc.potential import Potential
 from pes_calc.train.data import (
     LabelKeys,
@@ -40,7 +42,7 @@ from pes_calc.train.data import (
     species_in,
 )
 from pes_calc.train.evaluation import evaluate
-from pes_calc.train.losses import loss_from_config
+from pes_calc.train.losses import ensemble_loss_from_config, loss_from_config
 from pes_calc.train.stats import (
     composition_energies,
     resolve_stats,
@@ -65,6 +67,26 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "finetune": None,
     "distributed": False,
 }
+# the llpr wrapper's trainer (metatrain's names and defaults); num_epochs null means
+# covariance + calibration only, no ensemble-weight training
+LLPR_TRAINING_DEFAULTS: dict[str, Any] = {
+    "model_checkpoint": None,
+    "batch_size": 8,
+    "regularizer": None,
+    "calibration_method": "absolute_residuals",
+    "loss": "ensemble_nll",
+    "num_epochs": None,
+    "train_all_parameters": False,
+    "warmup_fraction": 0.01,
+    "learning_rate": 3e-4,
+    "weight_decay": None,
+    "log_interval": 1,
+    "checkpoint_interval": 100,
+    "best_model_metric": "loss",
+    "grad_clip_norm": 1.0,
+    "distributed": False,
+}
+LLPR_MODEL_DEFAULTS: dict[str, Any] = {"num_ensemble_members": {}}
 DATA_KEYS = {"train", "val", "test", "energy_key", "forces_key", "stress_key",
              "isolated_atom_energies"}
 TOP_LEVEL_KEYS = {"seed", "device", "data", "architecture"}
@@ -116,17 +138,23 @@ def normalise_config(config: Mapping[str, Any]) -> dict[str, Any]:
         raise TrainingConfigError("the architecture section needs a 'name'")
     _check_keys(architecture, ("name", "model", "training", "species"), "architecture")
     training = dict(architecture.get("training") or {})
-    _check_keys(training, TRAINING_DEFAULTS, "training")
-    training = {**copy.deepcopy(TRAINING_DEFAULTS), **training}
+    is_llpr = architecture["name"] == "llpr"
+    defaults = LLPR_TRAINING_DEFAULTS if is_llpr else TRAINING_DEFAULTS
+    _check_keys(training, defaults, "training")
+    training = {**copy.deepcopy(defaults), **training}
     if training["best_model_metric"] not in BEST_MODEL_METRICS:
         raise TrainingConfigError(
             f"best_model_metric must be one of {BEST_MODEL_METRICS}, "
             f"got {training['best_model_metric']!r}"
         )
     for name in ("batch_size", "num_epochs", "log_interval", "checkpoint_interval"):
+        if is_llpr and name == "num_epochs" and training[name] is None:
+            continue
         if not isinstance(training[name], int) or training[name] < 1:
             raise TrainingConfigError(f"{name} must be a positive integer")
     architecture["model"] = dict(architecture.get("model") or {})
+    if is_llpr:
+        architecture["model"] = _llpr_model_section(architecture["model"], training)
     architecture["training"] = training
     return {
         "seed": int(config.get("seed", 0)),
@@ -134,6 +162,31 @@ def normalise_config(config: Mapping[str, Any]) -> dict[str, Any]:
         "data": data,
         "architecture": architecture,
     }
+
+
+def _llpr_model_section(model: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """The llpr ``model`` section checked: ``num_ensemble_members: {energy: M}``."""
+    _check_keys(model, LLPR_MODEL_DEFAULTS, "llpr model")
+    members = model.get("num_ensemble_members", {}) or {}
+    if not isinstance(members, Mapping) or set(members) - {"energy"}:
+        raise TrainingConfigError(
+            "num_ensemble_members must map targets to member counts, e.g. "
+            "{energy: 16}; energy is the one target (forces follow from it)"
+        )
+    count = members.get("energy", 0)
+    if not isinstance(count, int) or count < 0:
+        raise TrainingConfigError("num_ensemble_members.energy must be an integer ≥ 0")
+    if not training["model_checkpoint"]:
+        raise TrainingConfigError(
+            "an llpr config needs training.model_checkpoint: the trained model to wrap"
+        )
+    if training["num_epochs"] is not None and count < 2:
+        raise TrainingConfigError(
+            "ensemble training (num_epochs set) needs num_ensemble_members.energy ≥ 2"
+        )
+    if training["distributed"]:
+        raise TrainingConfigError("llpr fitting runs in one process (distributed: false)")
+    return {"num_ensemble_members": {"energy": count}}
 
 
 class _Distributed:
@@ -249,7 +302,11 @@ def train(
     train_structures = read_structures(data["train"])
     train_labels = extract_labels(train_structures, label_keys, name=str(data["train"]))
     base_model: Potential | None = None
-    if training["finetune"]:
+    is_llpr = name == "llpr"
+    if is_llpr:
+        base_model = _model_to_wrap(training["model_checkpoint"])
+        species, cutoff = base_model.species, base_model.cutoff
+    elif training["finetune"]:
         base_model = _model_to_finetune(training["finetune"], name)
         species, cutoff = base_model.species, base_model.cutoff
     else:
@@ -261,21 +318,31 @@ def train(
     stats = training_data_stats(train_graphs, species)
 
     # the model, its per-type shifts and scales
-    if base_model is not None:
+    if is_llpr:
+        model = _fit_llpr(base_model, section, config, train_graphs, val_graphs, device,
+                          progress and distributed.is_main)
+    elif base_model is not None:
         model = base_model
     else:
         hypers = resolve_stats(section["model"], stats, "architecture.model.")
         hypers.setdefault("seed", config["seed"])
         model = build_model(name, species, **hypers)
         _set_shifts_and_scales(model, section["model"], training, data, train_graphs, stats)
-    model.config["training_data_stats"] = stats
+    if not is_llpr:  # a wrapper keeps the statistics its model was trained with
+        model.config["training_data_stats"] = stats
     dtype = DTYPES[model.config["model"]["model_dtype"]]
     model = model.to(device)
     train_graphs = [graph_to(g, torch.device("cpu"), dtype) for g in train_graphs]
     val_graphs = [graph_to(g, torch.device("cpu"), dtype) for g in val_graphs]
 
     available = sorted(train_graphs[0].properties)
-    loss_fn = loss_from_config(training["loss"], available)
+    if is_llpr:
+        loss_fn = ensemble_loss_from_config(training["loss"], available)
+        for parameter in model.potential.parameters():
+            parameter.requires_grad_(parameter.requires_grad and training["train_all_parameters"])
+        model.state.ensemble_displacements.requires_grad_(True)
+    else:
+        loss_fn = loss_from_config(training["loss"], available)
     loss_fn.pre_fit(train_graphs)
     compute_forces = keys.FORCES in loss_fn.required_properties
     compute_stress = keys.STRESS in loss_fn.required_properties
@@ -283,14 +350,15 @@ def train(
         raise TrainingConfigError("force or stress losses need do_derivatives: true")
 
     parameters = [p for p in model.parameters() if p.requires_grad]
+    num_epochs = training["num_epochs"] or 0  # llpr: null means no ensemble training
     optimizer = torch.optim.Adam(
-        parameters, lr=training["learning_rate"], weight_decay=training["weight_decay"]
+        parameters, lr=training["learning_rate"], weight_decay=training["weight_decay"] or 0.0
     )
     steps_per_epoch = len(
         batch_order(len(train_graphs), training["batch_size"], shuffle=True,
                     rank=distributed.rank, world_size=distributed.world_size)
     )
-    total_steps = steps_per_epoch * training["num_epochs"]
+    total_steps = steps_per_epoch * num_epochs
     warmup_steps = max(1, int(training["warmup_fraction"] * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _learning_rate_factor(step, warmup_steps, total_steps)
@@ -315,7 +383,17 @@ def train(
     elapsed_before = state["elapsed_s"]
     log_rows: list[dict[str, Any]] = _read_log(log_path, state["epoch"])
 
-    trained = model
+    # what the loop runs: the model, or for a frozen LLPR backbone its linearised
+    # ensemble on cached features (the model itself never runs again)
+    fitted: nn.Module = model
+    if is_llpr and num_epochs > 0 and not training["train_all_parameters"]:
+        with_stress = keys.STRESS in available
+        if progress and distributed.is_main:
+            print("caching last-layer features and their Jacobians", flush=True)
+        train_graphs = linearise(model, train_graphs, with_stress, device)
+        val_graphs = linearise(model, val_graphs, with_stress, device)
+        fitted = LinearisedEnsemble(model)
+    trained = fitted
     if distributed.enabled:
         # a batch without some species leaves that species' weights unused
         trained = nn.parallel.DistributedDataParallel(
@@ -325,7 +403,7 @@ def train(
 
     bar = _progress_bar(progress and distributed.is_main, total_steps,
                         state["epoch"] * steps_per_epoch)
-    for epoch in range(state["epoch"] + 1, training["num_epochs"] + 1):
+    for epoch in range(state["epoch"] + 1, num_epochs + 1):
         loss_sum, term_sums, num_batches = 0.0, {}, 0
         order = batch_order(len(train_graphs), training["batch_size"], shuffle=True,
                             seed=config["seed"], epoch=epoch, rank=distributed.rank,
@@ -359,10 +437,10 @@ def train(
         for term, value in term_sums.items():
             row[f"train_{term}"] = distributed.sum(value) / num_batches
 
-        validate = epoch % training["log_interval"] == 0 or epoch == training["num_epochs"]
+        validate = epoch % training["log_interval"] == 0 or epoch == num_epochs
         improved = False
         if validate and distributed.is_main:
-            metrics, val_loss = _validate(model, val_graphs, loss_fn, training, device)
+            metrics, val_loss = _validate(fitted, val_graphs, loss_fn, training, device)
             row["val_loss"] = val_loss
             row.update({f"val_{k}": v for k, v in metrics.items() if k != "num_structures"})
             value = _selection_value(metrics, val_loss, training["best_model_metric"])
@@ -387,7 +465,7 @@ def train(
         if distributed.is_main:
             log_rows.append(row)
             _write_log(log_path, log_rows)
-            if epoch % training["checkpoint_interval"] == 0 or epoch == training["num_epochs"]:
+            if epoch % training["checkpoint_interval"] == 0 or epoch == num_epochs:
                 _atomic_write(
                     lambda tmp: torch.save(
                         {"format": CHECKPOINT_FORMAT, "config": config,
@@ -406,6 +484,11 @@ def train(
     # the best model, with its test errors, is the result
     model.load_state_dict(best_state)
     model.eval()
+    if is_llpr:
+        model.state.ensemble_displacements.requires_grad_(False)
+        if training["train_all_parameters"] and num_epochs > 0:
+            # the features moved: refit σ's covariance and α, keep the trained ensemble
+            _refit_llpr_uncertainty(model, training, train_graphs, val_graphs, device)
     test_metrics: dict[str, float] = {}
     if distributed.is_main:
         if data.get("test"):
@@ -423,6 +506,62 @@ def train(
         val_metrics=state["best_metrics"],
         test_metrics=test_metrics,
         training_time_s=state["elapsed_s"],
+    )
+
+
+def _model_to_wrap(path: str) -> Potential:
+    """The trained model an llpr config wraps (an LLPR file: its inner model)."""
+    try:
+        model = load_model(path)
+    except ModelFileError as error:
+        raise TrainingConfigError(f"model_checkpoint: {error}") from error
+    return model.potential if isinstance(model, LLPR) else model
+
+
+def _fit_llpr(
+    potential: Potential,
+    section: Mapping[str, Any],
+    config: Mapping[str, Any],
+    train_graphs: Sequence,
+    val_graphs: Sequence,
+    device: torch.device,
+    verbose: bool,
+) -> LLPR:
+    """Covariance over the training set, Cholesky, α on the validation set and the
+    sampled ensemble: one pass over each set."""
+    training = section["training"]
+    dtype = DTYPES[potential.config["model"]["model_dtype"]]
+    start = time.perf_counter()
+    llpr = llpr_wrap(
+        potential.to(device),
+        section["model"]["num_ensemble_members"]["energy"],
+        [graph_to(g, torch.device("cpu"), dtype) for g in train_graphs],
+        [graph_to(g, torch.device("cpu"), dtype) for g in val_graphs],
+        regularizer=training["regularizer"],
+        calibration_method=training["calibration_method"],
+        batch_size=training["batch_size"],
+        device=device,
+        seed=config["seed"],
+    )
+    if verbose:
+        settings = llpr.config["llpr"]
+        print(
+            f"LLPR: covariance of {llpr.num_features} features, regularizer "
+            f"{settings['regularizer']:.1e}, calibration α {settings['multiplier']:.4g} "
+            f"({settings['calibration_method']}), {llpr.num_ensemble_members} ensemble "
+            f"members, {time.perf_counter() - start:.1f} s",
+            flush=True,
+        )
+    return llpr
+
+
+def _refit_llpr_uncertainty(model: LLPR, training, train_graphs, val_graphs, device) -> None:
+    from pes_calc.llpr import calibrate, factorise, fit_covariance
+
+    fit_covariance(model, train_graphs, training["batch_size"], device)
+    model.config["llpr"]["regularizer"] = factorise(model, training["regularizer"])
+    model.config["llpr"]["multiplier"] = calibrate(
+        model, val_graphs, training["calibration_method"], training["batch_size"], device
     )
 
 
@@ -508,7 +647,7 @@ def _save_best(model, best_state, path, config, state, test_metrics) -> None:
     """``model.safetensors`` with the best weights, statistics and errors."""
     snapshot = copy.deepcopy(model).cpu()
     snapshot.load_state_dict(best_state)
-    snapshot.config["training"] = {
+    record = {
         "data": {k: str(config["data"][k]) for k in ("train", "val", "test")
                  if config["data"].get(k)},
         "best_epoch": state["best_epoch"],
@@ -519,6 +658,10 @@ def _save_best(model, best_state, path, config, state, test_metrics) -> None:
         "hyperparameters": config["architecture"]["training"],
         "seed": config["seed"],
     }
+    if isinstance(snapshot, LLPR):  # the wrapped model keeps its own training record
+        snapshot.config["llpr"]["training"] = record
+    else:
+        snapshot.config["training"] = record
     _atomic_write(lambda tmp: save_model(snapshot, tmp), path)
 
 
