@@ -38,7 +38,7 @@ from pes_calc.graph import AtomicGraph, atoms_per_structure, graph_to, sum_per_s
 from pes_calc.potential import Potential, _or_zeros
 
 CALIBRATION_METHODS = ("absolute_residuals", "squared_residuals", "crps")
-# ς for regularizer: null starts here and grows ×10 until Cholesky succeeds
+# ς for regularizer: null starts here and grows ×10 until the factor is accurate
 SMALLEST_REGULARIZER = 1e-20
 # max |L⁻¹ (C + ς²I) L⁻ᵀ - I| accepted: with ς² below the rounding level of C,
 # Cholesky can succeed on rounding noise and leave a finite but wrong L⁻¹

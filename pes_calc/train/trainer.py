@@ -28,7 +28,7 @@ from pes_calc import keys
 from pes_calc.build import DTYPES, build_model, cutoff_of
 from pes_calc.graph import graph_to
 from pes_calc.io import ModelFileError, load_model, save_model
-from pes_calc.llpr import LLPR, LinearisedEnsemble, linearise
+from pes_calc.llpr import CALIBRATION_METHODS, LLPR, LinearisedEnsemble, linearise
 from pes_calc.llpr import wrap as llpr_wrap
 from pes_calc.potential import Potential
 from pes_calc.train.data import (
@@ -186,6 +186,11 @@ def _llpr_model_section(model: dict[str, Any], training: dict[str, Any]) -> dict
         )
     if training["distributed"]:
         raise TrainingConfigError("llpr fitting runs in one process (distributed: false)")
+    if training["calibration_method"] not in CALIBRATION_METHODS:
+        raise TrainingConfigError(
+            f"unknown calibration_method {training['calibration_method']!r}; choose "
+            f"from {', '.join(CALIBRATION_METHODS)}"
+        )
     return {"num_ensemble_members": {"energy": count}}
 
 
@@ -489,6 +494,7 @@ def train(
         if training["train_all_parameters"] and num_epochs > 0:
             # the features moved: refit σ's covariance and α, keep the trained ensemble
             _refit_llpr_uncertainty(model, training, train_graphs, val_graphs, device)
+            best_state = copy.deepcopy(model.state_dict())
     test_metrics: dict[str, float] = {}
     if distributed.is_main:
         if data.get("test"):
