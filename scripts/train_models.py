@@ -55,7 +55,7 @@ def table() -> str:
 
         minutes = training.get("training_time_s", float("nan")) / 60
         rows.append(
-            f"| `{path.name}` | {metadata['architecture']} | {parameters:,} | "
+            f"| `{path.name}` | {metadata['architecture']}{' + LLPR' if metadata.get('llpr') else ''} | {parameters:,} | "
             f"{milli('energy_per_atom_rmse')} | {milli('forces_rmse')} | "
             f"{milli('stress_rmse')} | {training.get('best_epoch', '–')} / "
             f"{training.get('epochs_run', '–')} | {minutes:.0f} min |"
