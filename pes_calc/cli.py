@@ -292,6 +292,40 @@ def train_command(config: Path, outdir: Path, quiet: bool) -> None:
         )
 
 
+@main.command("active-learn")
+@click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
+    required=True, help="Loop directory: round-NNN/ per round, report.csv, report.md.",
+)
+@click.option("--quiet", is_flag=True, help="No progress lines or bars.")
+def active_learn_command(config: Path, outdir: Path, quiet: bool) -> None:
+    """Uncertainty-triggered active learning described by CONFIG (YAML).
+
+    Per round: train, wrap in LLPR, run MD, label the uncertain structures with
+    the reference calculator, add them to the training set. Rerun to resume;
+    raise budget.max_rounds in CONFIG to go on after the last round.
+    """
+    from pes_calc.active import format_table, load_config, run_active_learning
+    from pes_calc.io import ModelFileError
+    from pes_calc.neighbors import UnknownSpeciesError
+    from pes_calc.train import DatasetError, TrainingConfigError
+
+    try:
+        reports = run_active_learning(load_config(config), outdir, progress=not quiet)
+    except (TrainingConfigError, DatasetError, ModelFileError, UnknownSpeciesError,
+            ValueError, FloatingPointError) as error:
+        raise click.ClickException(str(error)) from error
+    except KeyboardInterrupt:
+        raise click.ClickException(
+            f"interrupted; rerun the same command to resume from {outdir} (labelled "
+            "structures and finished stages are kept)"
+        ) from None
+    click.echo(format_table(reports))
+    click.echo(f"stopped: {reports[-1].stop_reason} (tables in {outdir}/report.md, "
+               "report.csv)")
+
+
 @main.command("eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
@@ -349,7 +383,9 @@ def eval_command(
             calibration_plot(evaluation, str(calibration),
                              title=f"{model.name} on {data.name}")
     if as_json:
-        click.echo(json.dumps(metrics, indent=2))
+        # undefined figures (a Spearman over one structure) are NaN: JSON null
+        click.echo(json.dumps({k: None if v != v else v for k, v in metrics.items()},
+                              indent=2))
         return
     click.echo(f"{model} on {data} ({metrics['num_structures']} structures)")
     units = {"energy_per_atom": ("meV/atom", 1e3), "forces": ("meV/Å", 1e3),

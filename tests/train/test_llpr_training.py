@@ -8,8 +8,7 @@ import pytest
 import torch
 from helpers import emt_structures
 
-from pes_calc import build_model, save_model
-from pes_calc import keys
+from pes_calc import build_model, keys, save_model
 from pes_calc.calculator import PESCalculator
 from pes_calc.io import load_model, read_metadata
 from pes_calc.llpr import (
