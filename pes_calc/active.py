@@ -71,6 +71,7 @@ import copy
 import csv
 import glob
 import importlib
+import io
 import itertools
 import json
 import math
@@ -208,9 +209,16 @@ def _check(config: dict[str, Any]) -> None:
     reference_factory(config["reference"]["calculator"])
     if config["retrain"]["mode"] not in RETRAIN_MODES:
         raise ActiveLearningConfigError(f"retrain.mode must be one of {RETRAIN_MODES}")
-    for round_ in (0, 1):  # the trainer's own checks, on the configs it will get
-        normalise_config(_base_config(config, round_, "train.xyz", "base.safetensors"))
-    normalise_config(_llpr_config(config, "train.xyz", "base.safetensors"))
+    # the trainer's own checks, on the configs it will get
+    for where, trainer_config in (
+        ("", _base_config(config, 0, "train.xyz", "base.safetensors")),
+        ("retrain: ", _base_config(config, 1, "train.xyz", "base.safetensors")),
+        ("llpr: ", _llpr_config(config, "train.xyz", "base.safetensors")),
+    ):
+        try:
+            normalise_config(trainer_config)
+        except TrainingConfigError as error:
+            raise ActiveLearningConfigError(f"{where}{error}") from None
     for section, key, integer, nullable in _POSITIVE:
         value = config[section][key]
         kinds = (int,) if integer else (int, float)
@@ -246,7 +254,11 @@ def _is_number(value: Any) -> bool:
 
 
 def reference_factory(spec: Any) -> Any:
-    """The class (or function) ``"package.module:Name"`` (or ``"...module.Name"``)."""
+    """The class (or function) ``"package.module:Name"`` (or ``"...module.Name"``).
+
+    >>> reference_factory("ase.calculators.emt:EMT")
+    <class 'ase.calculators.emt.EMT'>
+    """
     if not isinstance(spec, str) or not spec.strip():
         raise ActiveLearningConfigError(
             "reference.calculator must name an ASE calculator class, e.g. "
@@ -306,7 +318,14 @@ def run_active_learning(
     config: Mapping[str, Any], outdir: str | os.PathLike, *, progress: bool = True
 ) -> list[RoundReport]:
     """Run (or resume) the loop ``config`` describes in ``outdir``; one report per
-    round, also written to ``outdir/report.csv`` and ``report.md``."""
+    round, also written to ``outdir/report.csv`` and ``report.md``.
+
+    Examples
+    --------
+    >>> config = load_config("active-learning.yaml")  # doctest: +SKIP
+    >>> reports = run_active_learning(config, "runs/al")  # doctest: +SKIP
+    >>> print(format_table(reports))  # doctest: +SKIP
+    """
     config = normalise(config)
     outdir = Path(outdir)
     _claim(outdir, config)
@@ -376,38 +395,45 @@ class _Round:
         if "llpr_model" not in self.state:
             self.say(f"training on {train_size} structures ({train_file})")
             self.timed("train", lambda: self.train_models(train_file))
-        runs = self.timed("md", self.run_md)
+        md_done = (self.dir / "candidates.xyz").exists()
+        runs = self.run_md() if md_done else self.timed("md", self.run_md)
         candidates = _read_xyz(self.dir / "candidates.xyz")
+        labelled, stop_reason = self.label_stage(runs, candidates, reference,
+                                                 labels_so_far)
+        report = self.report(train_size, runs, candidates, labelled, stop_reason)
+        _atomic_text(self.dir / "report.json", json.dumps(asdict(report), indent=1))
+        return report
+
+    def label_stage(self, runs: list[dict[str, Any]], candidates: list[ase.Atoms],
+                    reference: Any, labels_so_far: int
+                    ) -> tuple[list[ase.Atoms], str | None]:
+        """(labelled structures, why the loop stops or None): candidates are
+        selected and labelled unless the MD was clean or the budget is spent."""
         selection, budget = self.config["selection"], self.config["budget"]
-        clean = sum(run["first_uncertain_step"] is None and run["stop_reason"] is None
-                    for run in runs)
+        last = self.round + 1 >= budget["max_rounds"]
+        max_labels = budget["max_labels"]
         labelled_file = self.dir / "labelled.xyz"
-        stop_reason, labelled = None, []
-        if labelled_file.exists():
+        if labelled_file.exists():  # labelled by an earlier run: never again
             labelled = _read_xyz(labelled_file)
-        elif clean == len(runs):
-            stop_reason = "converged"
-        elif self.round + 1 >= budget["max_rounds"]:
-            stop_reason = "max_rounds"
-        elif budget["max_labels"] is not None and labels_so_far >= budget["max_labels"]:
-            stop_reason = "max_labels"
+        elif all(_clean(run) for run in runs):
+            return [], "converged"
+        elif last:
+            return [], "max_rounds"
+        elif max_labels is not None and labels_so_far >= max_labels:
+            return [], "max_labels"
         else:
-            if "selected" not in self.state:
+            if "selected" not in self.state:  # fixed once chosen
                 cap = selection["max_per_round"]
-                if budget["max_labels"] is not None:
-                    cap = min(cap, budget["max_labels"] - labels_so_far)
+                if max_labels is not None:
+                    cap = min(cap, max_labels - labels_so_far)
                 self.state["selected"] = select(candidates, cap, selection)
                 self.save()
             chosen = [candidates[i] for i in self.state["selected"]]
             self.say(f"labelling {len(chosen)} of {len(candidates)} candidates")
             labelled = self.timed("label", lambda: self.label(chosen, reference))
-        if labelled_file.exists() and not labelled and stop_reason is None:
-            stop_reason = "nothing labelled"
-        if self.round + 1 >= budget["max_rounds"] and stop_reason is None:
-            stop_reason = "max_rounds"
-        report = self.report(train_size, runs, candidates, labelled, stop_reason)
-        _atomic_text(self.dir / "report.json", json.dumps(asdict(report), indent=1))
-        return report
+        if not labelled:
+            return [], "nothing labelled"
+        return labelled, "max_rounds" if last else None
 
     def write_training_set(self, path: Path) -> None:
         if self.round == 0:
@@ -468,10 +494,11 @@ class _Round:
             on_uncertain="record", log=md_dir / f"{name}-uncertainty.csv",
             interval=md["interval"])
         observers = [watch, (_StopAbove(watch, md["stop_uncertainty"]), md["interval"])]
+        model = self.dir / "llpr" / "model.safetensors"
         start, error = time.perf_counter(), None
         try:
             summary = run_md(
-                atoms.copy(), PESCalculator(self.dir / "llpr" / "model.safetensors", device),
+                atoms.copy(), PESCalculator(model, device=device),
                 ensemble=md["ensemble"], temperature=temperature, steps=md["steps"],
                 timestep=md["timestep"], thermostat=md["thermostat"],
                 friction=md["friction"], log=md_dir / f"{name}.log",
@@ -507,7 +534,9 @@ class _Round:
         """Reference labels for ``chosen``, appended one by one to
         labelled.partial.xyz (kept across interruptions), then labelled.xyz."""
         partial = self.dir / "labelled.partial.xyz"
-        done = {a.info["candidate_index"]: a for a in _read_xyz(partial)}
+        kept = _complete_frames(partial)
+        _atomic_xyz(partial, kept)  # without a frame cut off by an interruption
+        done = {atoms.info["candidate_index"]: atoms for atoms in kept}
         label_keys = LabelKeys.from_config(self.config["data"])
         failures = self.state.setdefault("label_failures", {})
         with open(partial, "a") as handle:
@@ -522,7 +551,9 @@ class _Round:
                     self.say(f"labelling candidate {index} failed ({why})")
                     continue
                 failures.pop(str(index), None)
-                ase.io.write(handle, labelled, format="extxyz")
+                frame = io.StringIO()
+                ase.io.write(frame, labelled, format="extxyz")
+                handle.write(frame.getvalue())  # one write: a whole frame or none
                 handle.flush()
                 done[index] = labelled
         labelled = [done[a.info["candidate_index"]] for a in chosen
@@ -540,15 +571,18 @@ class _Round:
             round=self.round, train_size=train_size, candidates=len(candidates),
             labelled=len(labelled),
             label_failures=len(self.state.get("label_failures", {})),
-            md_runs=len(runs),
-            md_runs_clean=sum(run["first_uncertain_step"] is None
-                              and run["stop_reason"] is None for run in runs),
+            md_runs=len(runs), md_runs_clean=sum(_clean(run) for run in runs),
             md_steps_survived=sum(survived), md_steps_survived_min=min(survived),
             md_steps_requested=sum(run["requested_steps"] for run in runs),
             max_uncertainty=math.inf if None in largest else max(largest),
             uncertainty_measure=self.config["selection"]["measure"],
             wall_time_s=round(sum(self.state["times"].values()), 1),
             stop_reason=stop_reason, test_metrics=self.state["test_metrics"])
+
+
+def _clean(run: dict[str, Any]) -> bool:
+    """An MD run that ran to the end without an uncertain structure."""
+    return run["first_uncertain_step"] is None and run["stop_reason"] is None
 
 
 class _StopAbove:
@@ -683,6 +717,15 @@ def _read_xyz(path: Path) -> list[ase.Atoms]:
     return list(ase.io.read(path, index=":", format="extxyz"))
 
 
+def _complete_frames(path: Path) -> list[ase.Atoms]:
+    """The frames of an extxyz file up to one that is cut off (or unreadable)."""
+    frames: list[ase.Atoms] = []
+    if path.exists():
+        with contextlib.suppress(Exception):  # ASE raises many kinds on a cut frame
+            frames.extend(ase.io.iread(path, format="extxyz"))
+    return frames
+
+
 def _atomic_xyz(path: Path, structures: list[ase.Atoms]) -> None:
     temporary = path.with_name(path.name + ".tmp")
     with open(temporary, "w") as handle:
@@ -703,16 +746,16 @@ def _finite_or_none(value: float) -> float | None:
 
 # ------------------------------------------------------------------ report
 
-_COLUMNS = (  # header, how to format a report
+_COLUMNS = (  # header, the cell of a report
     ("round", lambda r: str(r.round)),
     ("train", lambda r: str(r.train_size)),
     ("labelled", lambda r: str(r.labelled)),
     ("test E (meV/atom)", lambda r: _milli(r.test_metrics, "energy_per_atom_rmse")),
     ("test F (meV/Å)", lambda r: _milli(r.test_metrics, "forces_rmse")),
-    ("F ⟨z²⟩", lambda r: _plain(r.test_metrics, "forces_mean_squared_z")),
-    ("max σ", lambda r: f"{r.max_uncertainty:.3g}"),
-    ("steps survived", lambda r: f"{r.md_steps_survived_min} min, "
-     f"{100 * r.md_steps_survived / max(r.md_steps_requested, 1):.0f}%"),
+    ("test F ⟨z²⟩", lambda r: _plain(r.test_metrics, "forces_mean_squared_z")),
+    ("max σ ({unit})", lambda r: f"{r.max_uncertainty:.3g}"),
+    ("steps survived: min", lambda r: str(r.md_steps_survived_min)),
+    ("all", lambda r: f"{100 * r.md_steps_survived / r.md_steps_requested:.0f}%"),
     ("clean runs", lambda r: f"{r.md_runs_clean}/{r.md_runs}"),
     ("time (s)", lambda r: f"{r.wall_time_s:.0f}"),
 )
@@ -727,10 +770,13 @@ def _plain(metrics: dict[str, float], name: str) -> str:
 
 
 def format_table(reports: list[RoundReport]) -> str:
-    """A markdown table, one row per round (errors are RMSEs on data.test; σ in
-    the unit of the selection measure; steps survived before the first uncertain
-    check: the smallest per run, and the share of all requested steps)."""
-    rows = [[header for header, _ in _COLUMNS], ["---"] * len(_COLUMNS)]
+    """A markdown table, one row per round: RMSEs and mean squared z-score of the
+    forces on data.test, the largest uncertainty seen in MD, the MD steps before
+    the first uncertain structure (the smallest per run, and the share of all
+    requested steps), and the runs that never went over the threshold."""
+    unit = UNCERTAINTY_MEASURES[reports[0].uncertainty_measure] if reports else ""
+    rows = [[header.format(unit=unit) for header, _ in _COLUMNS],
+            ["---"] * len(_COLUMNS)]
     rows += [[cell(report) for _, cell in _COLUMNS] for report in reports]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
