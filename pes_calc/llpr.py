@@ -174,34 +174,31 @@ class LLPR(nn.Module):
     ) -> Tensor:
         """(M, N, 3) ∂(g_s · Δw_k)/∂R, from min(M, F) backward passes: one per
         member, or one per feature (the Jacobian of g_s) when F < M."""
-        num_members = displacements.shape[1]
-        num_features = self.num_features
         dtype = structure_features.dtype
-        create_graph = self.training
-        rows: List[Tensor] = []
-        by_member = num_members <= num_features
-        count = num_members if by_member else num_features
-        for index in range(count):
-            if by_member:
-                target = structure_features @ displacements[:, index].to(dtype)
-            else:
-                target = structure_features[:, index]
-            gradient = torch.autograd.grad(
-                [target.sum()],
-                [positions],
-                retain_graph=create_graph or index < count - 1,
-                create_graph=create_graph,
-                allow_unused=True,
-            )[0]
-            rows.append(_or_zeros(gradient, positions))
-        stacked = torch.stack(rows)  # (count, N, 3)
-        if by_member:
-            return stacked
-        # Jacobian (F, N, 3) contracted with the (F, M) displacements
-        product = torch.einsum(
-            "fna,fm->mna", stacked.to(torch.float64), displacements
-        )
+        if displacements.shape[1] <= self.num_features:
+            return column_gradients(
+                structure_features @ displacements.to(dtype), positions, self.training
+            )
+        jacobian = column_gradients(structure_features, positions, self.training)  # (F, N, 3)
+        product = torch.einsum("fna,fm->mna", jacobian.to(torch.float64), displacements)
         return product.to(dtype)
+
+
+def column_gradients(targets: Tensor, positions: Tensor, create_graph: bool) -> Tensor:
+    """(K, N, 3) ∂(Σ_s targets[s, k])/∂R for each column k of ``targets`` (S, K):
+    one backward pass per column (zeros where a column does not depend on R)."""
+    count = targets.shape[1]
+    rows: List[Tensor] = []
+    for index in range(count):
+        gradient = torch.autograd.grad(
+            [targets[:, index].sum()],
+            [positions],
+            retain_graph=create_graph or index < count - 1,
+            create_graph=create_graph,
+            allow_unused=True,
+        )[0]
+        rows.append(_or_zeros(gradient, positions))
+    return torch.stack(rows)
 
 
 # ---------------------------------------------------------------- fitting
@@ -218,6 +215,13 @@ def _model_dtype(model: nn.Module) -> torch.dtype:
     return next(p for p in model.potential.parameters() if p.is_floating_point()).dtype
 
 
+def _energy_and_structure_features(llpr: LLPR, batch: AtomicGraph) -> Tuple[Tensor, Tensor]:
+    """(S,) energies and (S, F) float64 g_s, without derivatives."""
+    outputs, _, _ = llpr.potential.predict_energies(batch, False, False)
+    features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], batch.species)
+    return outputs[keys.ENERGY], sum_per_structure(features.to(torch.float64), batch)
+
+
 def fit_covariance(
     llpr: LLPR,
     graphs: Sequence[AtomicGraph],
@@ -231,9 +235,7 @@ def fit_covariance(
     covariance = torch.zeros_like(llpr.state.covariance)
     with torch.no_grad():
         for batch in _batches(graphs, batch_size, device, dtype):
-            outputs, _, _ = llpr.potential.predict_energies(batch, False, False)
-            features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], batch.species)
-            per_structure = sum_per_structure(features.to(torch.float64), batch)
+            _, per_structure = _energy_and_structure_features(llpr, batch)
             per_structure = per_structure / atoms_per_structure(batch).unsqueeze(-1)
             covariance += per_structure.T @ per_structure
     llpr.state.covariance.copy_(covariance)
@@ -287,13 +289,11 @@ def raw_energy_errors(
         for batch in _batches(graphs, batch_size, device, dtype):
             if keys.ENERGY not in batch.properties:
                 continue
-            outputs, _, _ = llpr.potential.predict_energies(batch, False, False)
-            features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], batch.species)
-            per_structure = sum_per_structure(features.to(torch.float64), batch)
+            energy, per_structure = _energy_and_structure_features(llpr, batch)
             sigma = torch.linalg.vector_norm(
                 per_structure @ llpr.state.inverse_cholesky.T, dim=-1
             )
-            residual = outputs[keys.ENERGY].double() - batch.properties[keys.ENERGY].double()
+            residual = energy.double() - batch.properties[keys.ENERGY].double()
             labelled = torch.isfinite(residual)
             residuals.append(residual[labelled].cpu())
             sigmas.append(sigma[labelled].cpu())
@@ -441,14 +441,8 @@ def linearise(
         outputs = llpr.potential.add_derivatives(
             outputs, moved, positions, strain, True, compute_stress, True
         )
-        rows = []
-        for index in range(llpr.num_features):
-            gradient = torch.autograd.grad(
-                [structure_features[:, index].sum()], [positions],
-                retain_graph=index < llpr.num_features - 1, allow_unused=True,
-            )[0]
-            rows.append(_or_zeros(gradient, positions))
-        jacobian = torch.stack(rows, dim=1)  # (N, F, 3)
+        # stored per atom (N, F, 3) so that batching concatenates along atoms
+        jacobian = column_gradients(structure_features, positions, False).transpose(0, 1)
         cache = {
             "llpr_energy": outputs[keys.ENERGY],
             "llpr_forces": outputs[keys.FORCES],

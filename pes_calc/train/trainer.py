@@ -536,13 +536,12 @@ def _fit_llpr(
     """Covariance over the training set, Cholesky, α on the validation set and the
     sampled ensemble: one pass over each set."""
     training = section["training"]
-    dtype = DTYPES[potential.config["model"]["model_dtype"]]
     start = time.perf_counter()
     llpr = llpr_wrap(
         potential.to(device),
         section["model"]["num_ensemble_members"]["energy"],
-        [graph_to(g, torch.device("cpu"), dtype) for g in train_graphs],
-        [graph_to(g, torch.device("cpu"), dtype) for g in val_graphs],
+        train_graphs,  # batches are cast to the model's dtype as they are made
+        val_graphs,
         regularizer=training["regularizer"],
         calibration_method=training["calibration_method"],
         batch_size=training["batch_size"],
