@@ -4,6 +4,7 @@ atoms → `AtomicGraph` (neighbours from vesin) → architecture → `Potential`
 (scales, shifts, ZBL, forces and stress) → `PESCalculator` (ASE results).
 """
 
+from pes_calc.batched import evaluate
 from pes_calc.build import build_model
 from pes_calc.calculator import PESCalculator
 from pes_calc.graph import AtomicGraph
@@ -15,6 +16,7 @@ __all__ = [
     "PESCalculator",
     "Potential",
     "build_model",
+    "evaluate",
     "load_model",
     "save_model",
 ]

@@ -147,6 +147,27 @@ class PESCalculator(Calculator):
             outputs = self.model(graph, True, has_volume)
         self.results = self._to_results(outputs, has_volume)
 
+    def calculate_batch(
+        self,
+        structures: Sequence[ase.Atoms],
+        batch_size: int = 32,
+        properties: Sequence[str] | None = None,
+        **kwargs: Any,
+    ) -> list[dict[str, Any]] | list[ase.Atoms]:
+        """Results for many structures, ``batch_size`` per model call, with this
+        calculator's model, device, dtype and neighbour backend.
+
+        Same results as one `calculate` per structure (stress only where the cell
+        has a volume); ``self.results`` and the neighbour-list cache are left
+        alone. Other keywords (``progress``, ``return_atoms``) and the result
+        format: `pes_calc.evaluate`.
+        """
+        from pes_calc.batched import evaluate
+
+        return evaluate(
+            self, structures, batch_size=batch_size, properties=properties, **kwargs
+        )
+
     def _current_graph(
         self, atoms: ase.Atoms, system_changes: Sequence[str]
     ) -> AtomicGraph:
