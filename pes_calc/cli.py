@@ -411,5 +411,81 @@ def eval_command(
         click.echo(f"  calibration plot: {calibration}")
 
 
+@main.command("ipi")
+@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--structure", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="The system i-PI simulates (any ASE-readable file): species, atom "
+                   "order and periodicity; i-PI sends only positions and cell.")
+@click.option("--index", default="0", show_default=True,
+              help="Frame of --structure to use (ASE index).")
+@click.option("--address", metavar="HOST:PORT", default=None,
+              help="i-PI's inet socket (<ffsocket mode='inet'>); port 31415 if "
+                   "only HOST is given.")
+@click.option("--unix", metavar="NAME", default=None,
+              help="i-PI's unix socket <address>NAME</address>, the file "
+                   "/tmp/ipi_NAME (a NAME with a / is the whole path).")
+@click.option("--device", default=None, help="cpu or cuda [cuda when available].")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+              help="Float type to run in (default: the model's).")
+@click.option("--skin", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="Verlet skin of the neighbour list, Å.")
+@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Keep trying to connect for this many seconds while i-PI starts.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads.")
+@click.option("--log-interval", type=click.IntRange(min=1), default=100,
+              show_default=True, help="Report every N requests.")
+@click.option("--quiet", is_flag=True, help="No progress on stderr.")
+def ipi_command(
+    model: Path, structure: Path, index: str, address: str | None, unix: str | None,
+    device: str | None, dtype: str | None, skin: float, wait: float,
+    threads: int | None, log_interval: int, quiet: bool,
+) -> None:
+    """Serve MODEL's energies, forces and virials to an i-PI server.
+
+    Connects to i-PI at --address HOST:PORT or --unix NAME and computes each
+    configuration i-PI sends (ASE's implementation of the i-PI socket protocol;
+    atomic units on the wire) until i-PI sends EXIT or closes the connection.
+    Start several clients to share the beads or replicas of a step. Progress
+    (requests served, ms per request) goes to stderr.
+    """
+    import sys
+
+    import ase.io
+
+    from pes_calc.io import ModelFileError
+    from pes_calc.ipi import IPIError, parse_address, serve
+
+    if (address is None) == (unix is None):
+        raise click.UsageError("give one of --address HOST:PORT or --unix NAME")
+    if address is not None:
+        try:
+            parse_address(address)
+        except ValueError as error:
+            raise click.BadParameter(str(error), param_hint="--address") from None
+    if (device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda was asked for but no CUDA GPU is visible")
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        atoms = ase.io.read(structure, index=index)
+    except Exception as error:  # ASE raises many kinds for unreadable files
+        raise click.ClickException(
+            f"could not read frame {index} of {structure} as a structure "
+            f"({type(error).__name__}: {error})"
+        ) from error
+    if not isinstance(atoms, ase.Atoms):
+        raise click.ClickException(f"--index {index} selects more than one frame")
+    try:
+        serve(
+            model, atoms, address=address, unix=unix, device=device,
+            dtype=DTYPES[dtype] if dtype else None, skin=skin, wait=wait,
+            log=None if quiet else sys.stderr, log_interval=log_interval,
+        )
+    except (IPIError, ModelFileError, ValueError, NotImplementedError) as error:
+        raise click.ClickException(str(error)) from error
+
+
 if __name__ == "__main__":  # torchrun -m pes_calc.cli train ...
     main()
