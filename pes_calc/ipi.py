@@ -242,13 +242,11 @@ def serve(
     start = time.perf_counter()
     result: tuple[float, np.ndarray, np.ndarray] | None = None
     previous: np.ndarray | None = None
+    exit_reason = "the server closed the connection"
     try:
         while True:
             try:
                 message = protocol.recvmsg()
-            except (SocketClosed, ConnectionResetError):
-                exit_reason = "the server closed the connection"
-                break
             except UnicodeDecodeError:
                 raise IPIError(f"{server} does not speak the i-PI protocol "
                                "(a header that is not ASCII)") from None
@@ -291,6 +289,8 @@ def serve(
                 state, result = "READY", None
             else:
                 raise IPIError(f"unexpected message {message!r} from {server}")
+    except (SocketClosed, ConnectionResetError, BrokenPipeError):
+        pass  # the server went away between requests or during one: done
     finally:
         sock.close()
     summary = ServeSummary(

@@ -164,6 +164,28 @@ def test_serve_matches_the_calculator_through_ase_server(model):
     assert np.all(atoms.positions == fcc().positions)  # the template is not touched
 
 
+def test_serve_a_cluster(model):
+    """A non-periodic structure: energy and forces, no stress asked for."""
+    cluster = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True)
+    cluster.pbc, cluster.cell = False, np.zeros((3, 3))
+    cluster.rattle(0.1, seed=2)
+    name, log = unique_name(), io.StringIO()
+    with SocketIOCalculator(unixsocket=name) as server:
+        thread, out = start_client(model, cluster, unix=name, device="cpu", wait=30,
+                                   log=log)
+        current = cluster.copy()
+        current.calc = server
+        energy, forces = current.get_potential_energy(), current.get_forces()
+    thread.join(10)
+    assert out["summary"].requests == 1
+    expected = cluster.copy()
+    expected.calc = PESCalculator(model, device="cpu")
+    assert energy == pytest.approx(expected.get_potential_energy(), abs=1e-10)
+    np.testing.assert_allclose(forces, expected.get_forces(), atol=1e-10)
+    assert np.abs(forces).max() > 1e-2
+    assert "not periodic: sending a zero virial" in log.getvalue()
+
+
 def test_serve_over_inet_and_wrong_atom_count(model):
     port = free_port()
     with SocketIOCalculator(port=port) as server:
