@@ -4,27 +4,31 @@ i-PI (https://ipi-code.org) runs the dynamics (path integrals, replica exchange,
 thermostats, barostats) and asks its clients, over a socket, for the energy, forces
 and virial of one configuration at a time. Several clients on one socket share the
 beads or replicas of a step, so MD scales past one machine. `serve` is such a
-client: it speaks the i-PI protocol through ASE's implementation
-(``ase.calculators.socketio.IPIProtocol``, the wire format of ASE's
-``SocketClient``) and computes with a `PESCalculator`.
+client: the messages are read and written by ASE's implementation of the protocol
+(``ase.calculators.socketio.IPIProtocol``, what ASE's ``SocketClient`` uses); the
+loop around them is ours, so that a wrong atom count or an out-of-order message
+is a clear error rather than an ``assert``, and each request is timed.
 
 What crosses the socket, in i-PI's atomic units (ASE's protocol converts):
 
-=========  ======================  ====================================
-message    pes_calc side           i-PI side
-=========  ======================  ====================================
-POSDATA    cell rows, positions Å  cell, inverse cell, positions, Bohr
-FORCEREADY energy eV, forces eV/Å  Hartree, Hartree/Bohr
-           virial = -stress·V eV   Hartree (i-PI's virial, Σ r⊗f)
-=========  ======================  ====================================
+==========  ======================  ===================================
+message     pes_calc side           i-PI side
+==========  ======================  ===================================
+POSDATA     cell rows, positions Å  cell, inverse cell, positions, Bohr
+FORCEREADY  energy eV, forces eV/Å  Hartree, Hartree/Bohr
+..          virial -V·stress, eV    Hartree (i-PI's virial, Σ r⊗f)
+==========  ======================  ===================================
 
 i-PI sends neither species nor periodicity: both come from a template structure,
 whose atoms must be those of i-PI's input in the same order. A template without a
-periodic cell with a volume (a molecule) gets forces only and sends a zero virial.
-Positions may arrive wrapped into the cell (``<ffsocket pbc='true'>``) or not
-(the default): the calculator's Verlet-skin neighbour list compares each
-configuration with the one it was built for, so a wrapped atom counts as a jump of
-a lattice vector and forces a rebuild, never a wrong list.
+periodic cell with a volume (a molecule) sends a zero virial.
+
+Positions may arrive wrapped into the cell (``<ffsocket pbc='true'>``) or not (the
+default). Each atom is moved by whole cell vectors, in the template's periodic
+directions, to the image nearest its position in the previous request
+(`nearest_images`): energy, forces and virial are unchanged, and the calculator's
+Verlet-skin neighbour list, which compares positions with those it was built for,
+sees a small move instead of a jump that would force a rebuild.
 """
 
 from __future__ import annotations
