@@ -101,6 +101,36 @@ PEER_PYTHON = {
     "mace": os.environ.get("PES_BENCH_MACE_PYTHON", "/work/peers/mace-venv/bin/python"),
 }
 PEER_SCRIPT = ROOT / "scripts" / "peers" / "benchmark_peers.py"
+# compiled peer artefacts are kept between runs (nequip's AOTInductor takes minutes)
+CACHE = Path(
+    os.environ.get("PES_BENCH_CACHE", Path.home() / ".cache" / "pes_calc_bench")
+)
+DEFAULT_SPEC = {
+    "modes": ["single", "md"],
+    "calls": 10,
+    "steps": 10,
+    "warmup": 2,
+    "budget": 20.0,
+    "min_calls": 2,
+    "threads": 1,
+    "device": "cpu",
+}
+# nequip-allegro's eager model multiplies out its tensor products (made to be fused by
+# a compiler): 5-10 s per call at 256 atoms here, so the eager peers stop at 256 atoms
+PEER_EAGER_SYSTEMS = {
+    "nequip": ["32", "256", "cluster"],
+    "allegro": ["32", "256", "cluster"],
+}
+# what a record copies from its spec
+RECORD_KEYS = (
+    "code",
+    "architecture",
+    "artefact",
+    "system",
+    "label",
+    "parameters",
+    "compile_s",
+)
 
 
 # ---------------------------------------------------------------------------------
@@ -322,11 +352,7 @@ def run_worker(
     rss_before = reset_peak_rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
-    record: dict[str, Any] = {
-        key: spec[key]
-        for key in ("code", "architecture", "artefact", "system", "label")
-        if key in spec
-    }
+    record: dict[str, Any] = {key: spec[key] for key in RECORD_KEYS if key in spec}
     record.update(
         atoms=len(atoms),
         threads=torch.get_num_threads(),
@@ -372,11 +398,7 @@ def launch(
         MKL_NUM_THREADS=str(spec["threads"]),
         PYTHONWARNINGS="ignore",
     )
-    base = {
-        key: spec[key]
-        for key in ("code", "architecture", "artefact", "system", "label")
-        if key in spec
-    }
+    base = {key: spec[key] for key in RECORD_KEYS if key in spec}
     try:
         done = subprocess.run(
             [python, str(script), "--worker", json.dumps(spec)],
@@ -548,76 +570,112 @@ def prepare_artefacts(
     return info
 
 
-def run_ours(args: argparse.Namespace, architecture: str, folder: Path) -> list[dict]:
-    """Every artefact × system of one architecture, one subprocess each."""
+def _systems_for(args: argparse.Namespace, architecture: str) -> list[str]:
+    """The systems one model runs on: > 2048 atoms only for --big-architectures."""
+    return [
+        s
+        for s in args.systems
+        if s == "cluster" or int(s) <= 2048 or architecture in args.big_architectures
+    ]
+
+
+def prepare_ours(args: argparse.Namespace, architecture: str, folder: Path) -> dict:
+    """Our artefacts of one architecture: {artefact: info} (in ``folder``)."""
     print(
         f"[{architecture}] preparing {', '.join(args.artefacts)}",
         file=sys.stderr,
         flush=True,
     )
     info = prepare_artefacts(architecture, args.artefacts, folder, args.device)
-    records = []
-    for artefact in args.artefacts:
-        for system in args.systems:
-            base = {
-                "code": "pes_calc",
-                "architecture": architecture,
-                "artefact": artefact,
-                "system": system,
-            }
-            if "error" in info[artefact]:
-                records.append({**base, "error": info[artefact]["error"]})
-                continue
-            spec = {
-                **base,
-                **_common_spec(args),
-                "path": info[artefact]["path"],
-                "profile": not args.no_profile,
-            }
-            record = launch(sys.executable, Path(__file__), spec, args.timeout)
-            record.update(
-                parameters=info[artefact]["parameters"],
-                compile_s=info[artefact]["compile_s"],
+    for artefact, entry in info.items():
+        entry["label"] = f"pes_calc {artefact}"
+        if "error" in entry:
+            print(
+                f"[{architecture}] {artefact}: n/a ({entry['error']})", file=sys.stderr
             )
-            _progress(record)
-            records.append(record)
-    return records
+    return info
 
 
-def run_peer(args: argparse.Namespace, peer: str) -> list[dict]:
-    """One peer's benchmark in its own virtualenv (JSON back)."""
+def prepare_peer(args: argparse.Namespace, peer: str) -> dict:
+    """A peer's artefacts, built in its virtualenv: {artefact: info}, or {"": error}."""
     python = PEER_PYTHON[peer]
     if not Path(python).exists():
-        print(f"[{peer}] no virtualenv at {python}: skipped", file=sys.stderr)
-        return [
-            {"code": peer, "architecture": peer, "error": f"no virtualenv at {python}"}
-        ]
+        return {"": {"error": f"no virtualenv at {python}"}}
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         command = [
             python,
             str(PEER_SCRIPT),
             "--peer",
             peer,
+            "--prepare-only",
             "--json",
             out.name,
-            "--systems",
-            *args.systems,
             "--spec",
             json.dumps(_common_spec(args)),
         ]
-        print(f"[{peer}] {' '.join(command[:4])} ...", file=sys.stderr, flush=True)
+        print(f"[{peer}] preparing in {python}", file=sys.stderr, flush=True)
         done = subprocess.run(
             command, cwd=ROOT, env=dict(os.environ, PYTHONWARNINGS="ignore")
         )
         if done.returncode != 0 or not Path(out.name).stat().st_size:
-            return [
-                {
-                    "code": peer,
-                    "architecture": peer,
-                    "error": f"benchmark_peers.py exited with {done.returncode}",
-                }
-            ]
+            return {"": {"error": f"benchmark_peers.py exited with {done.returncode}"}}
         return json.loads(Path(out.name).read_text())
+
+
+def run_one(
+    args: argparse.Namespace,
+    code: str,
+    architecture: str,
+    artefact: str,
+    info: dict,
+    system: str,
+) -> dict:
+    """One (code, architecture, artefact, system) in its own subprocess."""
+    spec = {
+        **_common_spec(args),
+        **info,
+        "code": code,
+        "architecture": architecture,
+        "artefact": artefact,
+        "system": system,
+    }
+    if code == "pes_calc":
+        spec["profile"] = not args.no_profile
+        python, script = sys.executable, Path(__file__)
+    else:
+        python, script = PEER_PYTHON[code], PEER_SCRIPT
+    if "error" in info:
+        record = {key: spec[key] for key in RECORD_KEYS if key in spec}
+        record["error"] = info["error"]
+    else:
+        record = launch(python, script, spec, args.timeout)
+    _progress(record)
+    return record
+
+
+def run_architecture(
+    args: argparse.Namespace, architecture: str, folder: Path, peers: list[str]
+) -> list[dict]:
+    """Ours and the peer's, interleaved system by system (so both see similar load)."""
+    codes = {}
+    if not args.peers_only and architecture in MODELS:
+        codes["pes_calc"] = prepare_ours(args, architecture, folder)
+    if architecture in peers:
+        codes[architecture] = prepare_peer(args, architecture)
+    records = []
+    for system in _systems_for(args, architecture):
+        for code, artefacts in codes.items():
+            for artefact, info in artefacts.items():
+                if code != "pes_calc" and not _peer_wants(code, artefact, system):
+                    continue
+                records.append(
+                    run_one(args, code, architecture, artefact, info, system)
+                )
+    return records
+
+
+def _peer_wants(peer: str, artefact: str, system: str) -> bool:
+    return artefact != "eager" or system in PEER_EAGER_SYSTEMS.get(peer, SYSTEMS)
 
 
 def _common_spec(args: argparse.Namespace) -> dict[str, Any]:
@@ -675,10 +733,19 @@ def ours_table(records: list[dict], systems: Sequence[str]) -> str:
     """A row per architecture × artefact × system: times, profile, memory."""
     lines = [
         "| model | artefact | atoms | single (ms) | MD (ms/step) | atoms·steps/s | n | "
-        "neighbours | forward | backward | overhead | peak RSS (MB) | Δ RSS (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "neighbours | forward | backward | overhead | peak RSS (MB) | Δ RSS (MB) | "
+        "load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    ours = [r for r in records if r.get("code") == "pes_calc"]
+    order = {system: index for index, system in enumerate(systems)}
+    ours = sorted(
+        (r for r in records if r.get("code") == "pes_calc"),
+        key=lambda r: (
+            list(MODELS).index(r["architecture"]),
+            order.get(r["system"], 99),
+            ARTEFACTS.index(r["artefact"]),
+        ),
+    )
     for record in ours:
         if "error" in record:
             continue
@@ -696,7 +763,8 @@ def ours_table(records: list[dict], systems: Sequence[str]) -> str:
             f"{_fmt_ms(_ms(record, 'md'))} | {md['atom_steps_per_s']:,.0f} | "
             f"{counts} | "
             f"{' | '.join(share_text)} | {100 * shares.get('overhead', 0):.0f}% | "
-            f"{record['peak_rss_mb']:.0f} | {record['delta_rss_mb']:.0f} |"
+            f"{record['peak_rss_mb']:.0f} | {record['delta_rss_mb']:.0f} | "
+            f"{record['loadavg_before'][0]:.1f} |"
         )
     unavailable = sorted(
         {
@@ -729,10 +797,18 @@ def ratio_table(records: list[dict], systems: Sequence[str]) -> str:
     lines = [
         "| model | peer (fast path) | atoms | pes_calc single (ms) | "
         "peer single (ms) | ratio | pes_calc MD (ms/step) | peer MD (ms/step) | "
-        "ratio |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "ratio | Δ RSS pes_calc / peer (MB) | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    peers = [r for r in records if r.get("code") not in (None, "pes_calc")]
+    order = {system: index for index, system in enumerate(systems)}
+    peers = sorted(
+        (r for r in records if r.get("code") not in (None, "pes_calc")),
+        key=lambda r: (
+            r.get("architecture", ""),
+            order.get(r.get("system"), 99),
+            r.get("artefact", ""),
+        ),
+    )
     for peer in peers:
         if "error" in peer or "system" not in peer:
             continue
@@ -744,9 +820,12 @@ def ratio_table(records: list[dict], systems: Sequence[str]) -> str:
             ratio = f"**{theirs / ms:.2f}**" if ms and theirs else "–"
             label = f"{_fmt_ms(ms)} ({mine['artefact']})" if mine else "–"
             cells += [label, _fmt_ms(theirs), ratio]
+        mine = best_ours(records, architecture, peer["system"], "md")
+        memory = f"{mine['delta_rss_mb']:.0f} / " if mine else "– / "
         lines.append(
-            f"| {architecture} | {peer['code']} {peer.get('label', '')} | "
-            f"{_system_label(peer['system'])} | {' | '.join(cells)} |"
+            f"| {architecture} | {peer.get('label') or peer['code']} | "
+            f"{_system_label(peer['system'])} | {' | '.join(cells)} | "
+            f"{memory}{peer['delta_rss_mb']:.0f} | {peer['loadavg_before'][0]:.1f} |"
         )
     failed = sorted(
         {
@@ -811,6 +890,12 @@ def main() -> None:
     parser.add_argument(
         "--min-calls", type=int, default=2, help="timed even over budget"
     )
+    parser.add_argument(
+        "--big-architectures",
+        nargs="+",
+        default=["soap_bpnn", "allegro"],
+        help="models run above 2048 atoms (others are skipped there, peers too)",
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--peers", action="store_true", help="also run the peers")
@@ -856,12 +941,9 @@ def main() -> None:
     try:
         peers = [p for p in args.peer_list if args.peers or args.peers_only]
         for architecture in args.architectures:
-            if not args.peers_only:
-                records += run_ours(args, architecture, folder)
-            if architecture in peers:
-                records += run_peer(args, architecture)
+            records += run_architecture(args, architecture, folder, peers)
         if "mace" in peers:
-            records += run_peer(args, "mace")
+            records += run_architecture(args, "mace", folder, peers)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     meta["loadavg_end"] = os.getloadavg()

@@ -10,6 +10,7 @@ ASE calculators; run in each peer's virtualenv (scripts/peers/README.md).
   ``NequIPCalculator.from_compiled_model`` (TorchScript compilation is refused
   by nequip on torch ≥ 2.10). nequip-compile takes only checkpoints/packages,
   so the same export call is made here on the freshly built model (`_nequip_aoti`).
+  The eager models run only up to 256 atoms (`benchmark.PEER_EAGER_SYSTEMS`).
 - ``soap_bpnn``: metatrain's ``SoapBpnn`` with its default hypers, exported with
   ``model.export()`` (a TorchScript ``AtomisticModel``) and run by
   ``metatomic_ase.MetatomicCalculator`` with its defaults (vesin neighbour lists with a
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -290,6 +290,65 @@ def _make(spec: dict) -> tuple[Any, None]:
     return MAKE[spec["code"]](spec)
 
 
+def prepare(peer: str, artefacts: list[str], folder: Path, device: str) -> dict:
+    """Build (and compile) each artefact of ``peer`` in ``folder``; {artefact: info}.
+
+    An artefact already prepared there (its ``.json``, same torch and device) is
+    reused: nequip's AOTInductor export takes minutes.
+    """
+    import torch
+
+    folder.mkdir(parents=True, exist_ok=True)
+    prepared = {}
+    for artefact in artefacts:
+        stamp = {"torch": torch.__version__, "device": device}
+        cached = folder / f"{peer}-{artefact}.json"
+        if cached.exists():
+            info = json.loads(cached.read_text())
+            if info.get("stamp") == stamp and "error" not in info:
+                prepared[artefact] = info
+                continue
+        started = time.perf_counter()
+        try:
+            info = PREPARE[peer](peer, artefact, folder, device)
+        except Exception as error:  # noqa: BLE001 (reported as n/a, with the reason)
+            lines = str(error).strip().splitlines()
+            info = {
+                "error": f"{type(error).__name__}: {lines[0] if lines else ''}"[:300]
+            }
+        info.update(
+            stamp=stamp,
+            label=LABELS[(peer, artefact)],
+            compile_s=time.perf_counter() - started,
+        )
+        cached.write_text(json.dumps(info))
+        prepared[artefact] = info
+        state = info.get("error") or f"ready in {info['compile_s']:.0f} s"
+        print(f"[{peer}] {artefact}: {state}", file=sys.stderr, flush=True)
+    return prepared
+
+
+def wanted(peer: str, artefact: str, system: str) -> bool:
+    """Whether this artefact runs on this system (eager peers stop at 256 atoms)."""
+    return artefact != "eager" or system in harness.PEER_EAGER_SYSTEMS.get(
+        peer, harness.SYSTEMS
+    )
+
+
+def worker_spec(
+    peer: str, artefact: str, info: dict, system: str, common: dict
+) -> dict:
+    """What a worker needs to time one artefact of ``peer`` on one system."""
+    return {
+        **common,
+        **info,
+        "code": peer,
+        "architecture": peer,
+        "artefact": artefact,
+        "system": system,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peer", required=True, choices=PEERS)
@@ -302,70 +361,43 @@ def main() -> None:
     parser.add_argument(
         "--spec",
         default="{}",
-        help="JSON: modes, calls, steps, warmup, budget, min_calls, threads, "
-        "device (benchmark.py passes its own)",
+        help="JSON: modes, calls, steps, warmup, budget, min_calls, threads, device",
+    )
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=harness.CACHE / "peers",
+        help="where compiled artefacts are kept between runs",
+    )
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="only build the artefacts; --json gets {artefact: info}",
     )
     parser.add_argument("--json", type=Path, required=True)
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parser.parse_args()
-    common = {
-        "modes": harness.MODES,
-        "calls": 10,
-        "steps": 10,
-        "warmup": 2,
-        "budget": 20.0,
-        "min_calls": 2,
-        "threads": 1,
-        "device": "cpu",
-        **json.loads(args.spec),
-    }
-    import torch
-
-    torch.set_num_threads(common["threads"])
+    common = {**harness.DEFAULT_SPEC, **json.loads(args.spec)}
+    artefacts = args.artefacts or ARTEFACTS[args.peer]
+    info = prepare(args.peer, artefacts, args.cache, common["device"])
+    if args.prepare_only:
+        args.json.write_text(json.dumps(info, indent=1))
+        return
     records = []
-    with tempfile.TemporaryDirectory(prefix=f"peer-{args.peer}-") as tmp:
-        for artefact in args.artefacts or ARTEFACTS[args.peer]:
-            base = {
-                "code": args.peer,
-                "architecture": args.peer,
-                "artefact": artefact,
-                "label": LABELS[(args.peer, artefact)],
-            }
-            started = time.perf_counter()
-            try:
-                info = PREPARE[args.peer](
-                    args.peer, artefact, Path(tmp), common["device"]
-                )
-            except Exception as error:  # noqa: BLE001 (reported as n/a, with the reason)
-                message = str(error).strip().splitlines()
-                reason = f"{type(error).__name__}: {message[0] if message else ''}"[
-                    :300
-                ]
-                records += [
-                    {**base, "system": s, "error": reason} for s in args.systems
-                ]
-                print(
-                    f"[{args.peer}] {artefact}: {reason}", file=sys.stderr, flush=True
-                )
+    for artefact in artefacts:
+        for system in args.systems:
+            if not wanted(args.peer, artefact, system):
                 continue
-            compile_s = time.perf_counter() - started
-            print(
-                f"[{args.peer}] {artefact} ready in {compile_s:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-            for system in args.systems:
-                spec = {**base, **common, **info, "system": system}
+            spec = worker_spec(args.peer, artefact, info[artefact], system, common)
+            if "error" in info[artefact]:
+                record = {key: spec[key] for key in harness.RECORD_KEYS if key in spec}
+                record["error"] = info[artefact]["error"]
+            else:
                 record = harness.launch(
                     sys.executable, Path(__file__), spec, args.timeout
                 )
-                record.update(
-                    parameters=info["parameters"],
-                    compile_s=compile_s,
-                    label=base["label"],
-                )
-                harness._progress(record)
-                records.append(record)
+            harness._progress(record)
+            records.append(record)
     args.json.write_text(json.dumps(records, indent=1))
 
 
