@@ -11,10 +11,15 @@ kind of structure:
   structures for MD.
 * ``molecules-gfn2``: small H/C/N/O molecules sampled with Langevin MD at 300–600 K
   run with GFN2-xTB itself (tblite, imported only when this set is built).
+* ``dimers-gfn2``: dimers of polar molecules (H2O, HCN, CH3CN, LiF) in random
+  orientations, from contact to 11 Å between their closest atoms (beyond a 5 Å
+  cutoff the interaction is dipolar electrostatics), labelled with GFN2-xTB; plus
+  rigid separation scans (``scan.xyz``) for the long-range SOAP-BPNN evidence.
 
 Everything is seeded and deterministic. Run from anywhere:
 
-    python scripts/make_datasets.py [--only cu-emt|molecules-gfn2] [--out data]
+    python scripts/make_datasets.py [--only cu-emt|molecules-gfn2|dimers-gfn2]
+                                    [--out data]
 """
 
 from __future__ import annotations
@@ -79,6 +84,13 @@ MOLECULES = (
     "CH3CH2OH",
     "glycine",
 )
+
+# --- dimers / GFN2-xTB settings ----------------------------------------------------
+DIMER_MONOMERS = ("H2O", "HCN", "CH3CN", "LiF")  # dipoles 1.9-6 D in GFN2
+DIMERS_PER_PAIR = 40  # random orientations per (unordered) monomer pair
+DIMER_GAP_RANGE = (2.5, 11.0)  # closest intermolecular distance, Å, uniform
+DIMER_RATTLE = 0.01  # Å: monomers near their GFN2 minimum
+SCAN_GAPS = np.arange(2.5, 15.01, 0.5)  # closest intermolecular distance, Å
 
 
 def rng_for(*keys: int | str) -> np.random.Generator:
@@ -374,6 +386,92 @@ def molecules_md(name: str) -> list[Atoms]:
     return frames
 
 
+# --- dimers ------------------------------------------------------------------------
+
+
+def relaxed_monomer(name: str) -> Atoms:
+    """``ase.build.molecule(name)`` relaxed with GFN2-xTB, centre of mass at 0."""
+    atoms = Atoms(molecule(name).numbers, molecule(name).positions)
+    atoms.calc = gfn2()
+    BFGS(atoms, logfile=None).run(fmax=0.005, steps=300)
+    return Atoms(atoms.numbers, atoms.positions - atoms.get_center_of_mass())
+
+
+def closest_distance(a: Atoms, b: Atoms) -> float:
+    """Shortest distance (Å) between an atom of ``a`` and an atom of ``b``."""
+    distances = np.linalg.norm(a.positions[:, None] - b.positions[None], axis=-1)
+    return float(distances.min())
+
+
+def place_at_gap(a: Atoms, b: Atoms, direction: np.ndarray, gap: float) -> Atoms:
+    """``a`` + ``b`` moved along ``direction`` until the closest intermolecular
+    distance is ``gap`` (Å), within 1e-4 Å."""
+    distance = gap + 3.0
+    for _ in range(100):
+        moved = b.copy()
+        moved.positions += distance * direction
+        error = gap - closest_distance(a, moved)
+        if abs(error) < 1e-4:
+            break
+        distance += error  # the closest distance grows about 1:1 with distance
+    dimer = a + moved
+    return Atoms(dimer.numbers, dimer.positions, pbc=False)
+
+
+def dimers(monomers: dict[str, Atoms]) -> list[Atoms]:
+    """Randomly oriented, slightly rattled dimers of every monomer pair, with the
+    closest intermolecular distance uniform in DIMER_GAP_RANGE."""
+    from scipy.spatial.transform import Rotation
+
+    frames = []
+    names = list(monomers)
+    for first in range(len(names)):
+        for second in range(first, len(names)):
+            a_name, b_name = names[first], names[second]
+            rng = rng_for("dimer", a_name, b_name)
+            for _ in range(DIMERS_PER_PAIR):
+                a, b = monomers[a_name].copy(), monomers[b_name].copy()
+                for m in (a, b):
+                    m.positions = Rotation.random(random_state=rng).apply(m.positions)
+                    m.positions += rng.normal(0.0, DIMER_RATTLE, size=m.positions.shape)
+                direction = rng.normal(size=3)
+                gap = rng.uniform(*DIMER_GAP_RANGE)
+                dimer = place_at_gap(a, b, direction / np.linalg.norm(direction), gap)
+                frames.append(
+                    labelled(dimer, gfn2(), f"{a_name}-{b_name}", stress=False,
+                             gap=round(gap, 4), monomer_atoms=len(a))
+                )
+    return frames
+
+
+def dimer_scans(monomers: dict[str, Atoms]) -> list[Atoms]:
+    """Rigid scans of the closest intermolecular distance over SCAN_GAPS for four
+    fixed orientations; each frame stores the monomers' summed GFN2 energy
+    (``monomer_energy``, eV) so that interaction energies can be read off."""
+    from scipy.spatial.transform import Rotation
+
+    rng = rng_for("scan")
+    frames = []
+    pairs = (("LiF", "LiF"), ("H2O", "H2O"), ("HCN", "CH3CN"), ("LiF", "H2O"))
+    for a_name, b_name in pairs:
+        a, b = monomers[a_name].copy(), monomers[b_name].copy()
+        b.positions = Rotation.random(random_state=rng).apply(b.positions)
+        direction = rng.normal(size=3)
+        direction /= np.linalg.norm(direction)
+        monomer_energy = 0.0
+        for m in (a, b):
+            m.calc = gfn2()
+            monomer_energy += m.get_potential_energy()
+        for gap in SCAN_GAPS:
+            dimer = place_at_gap(a, b, direction, gap)
+            frames.append(
+                labelled(dimer, gfn2(), f"{a_name}-{b_name}", stress=False,
+                         gap=round(float(gap), 4), monomer_atoms=len(a),
+                         monomer_energy=monomer_energy)
+            )
+    return frames
+
+
 # --- splitting, writing, reporting -------------------------------------------------
 
 
@@ -539,10 +637,37 @@ def make_molecules_gfn2(out: Path, timings: dict) -> None:
     )
 
 
+def make_dimers_gfn2(out: Path, timings: dict) -> None:
+    """Build data/dimers-gfn2: train/val/test of random dimers and scan.xyz."""
+    print("dimers-gfn2: GFN2-xTB (tblite) labels for polar dimers", flush=True)
+    monomers = timed_monomers(timings)
+    frames = timed("random dimers", lambda: dimers(monomers), timings)
+    scans = timed("separation scans", lambda: dimer_scans(monomers), timings)
+    root = out / "dimers-gfn2"
+    splits = stratified_split(frames, rng_for("split", "dimers-gfn2"))
+    for s in SPLITS:
+        write_frames(root / f"{s}.xyz", splits[s])
+    write_frames(root / "scan.xyz", scans)
+    summarize("dimers-gfn2", splits, extra={"scan.xyz": scans})
+    for s in SPLITS:
+        separated = sum(f.info["gap"] > 5.0 for f in splits[s])
+        print(f"{s}: {separated} of {len(splits[s])} dimers with a gap beyond 5 Å")
+
+
+def timed_monomers(timings: dict) -> dict[str, Atoms]:
+    """The relaxed monomers of DIMER_MONOMERS, timed."""
+    t0 = time.perf_counter()
+    monomers = {name: relaxed_monomer(name) for name in DIMER_MONOMERS}
+    timings["monomers"] = time.perf_counter() - t0
+    return monomers
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--only", choices=("cu-emt", "molecules-gfn2"), help="build one set only"
+        "--only",
+        choices=("cu-emt", "molecules-gfn2", "dimers-gfn2"),
+        help="build one set only",
     )
     parser.add_argument(
         "--out", type=Path, default=DEFAULT_OUT, help="output folder (default: data/)"
@@ -555,6 +680,8 @@ def main() -> None:
         make_cu_emt(args.out, timings)
     if args.only in (None, "molecules-gfn2"):
         make_molecules_gfn2(args.out, timings)
+    if args.only in (None, "dimers-gfn2"):
+        make_dimers_gfn2(args.out, timings)
     print(f"\ntotal time {time.perf_counter() - t0:.1f} s")
 
 

@@ -9,6 +9,24 @@ Hyperparameters and defaults are metatrain's ``soap_bpnn``. For each atom i:
 | per-species LayerNorm → MLP (SiLU) → head → features f_i | `network` | (N, W) |
 | energy e_i = f̃_i · w, f̃ = f placed in the block of species t(i) | `last_layer` | (N,) |
 
+With ``long_range.enable`` (metatrain's hyperparameters and defaults: ``use_ewald``
+false → particle-mesh Ewald, ``smearing`` 1.4 Å, ``kspace_resolution`` 1.33 Å,
+``interpolation_nodes`` 5), each atom also gets a latent charge and its Coulomb
+energy, which enters the readout as one more last-layer feature:
+
+| step | code | shape |
+|---|---|---|
+| latent charge q̃_i = f̃_i · w_q (e), per species through the blocks | `charges` | (N,) |
+| E^lr_i = ½ q_i Σ_j q_j v(r_ij), q: q̃ made neutral (eV) | `long_range` | (N,) |
+| e_i = [f̃_i, E^lr_i] · w, with w's last entry initialised to 1 | `last_layer` | (N,) |
+
+`pes_calc.nn.long_range` documents the kernel v (Coulomb, 14.399645 eV·Å/e², switched
+off smoothly inside the SOAP cutoff, which the short-range part describes), the
+Ewald / PME / direct sums and the periodicities. Keeping E^lr a feature keeps
+e_i = f̃_i · w exact, so LLPR covers the electrostatic term too. The energy of a
+structure is then E_sr + w_lr σ Σ_i E^lr_i (σ the potential's energy scale): the
+product w_lr σ only rescales the latent charges.
+
 R_nl are torch-spex's splined Laplacian eigenstates (trimmed with l), Y_lm its
 (sphericart) real spherical harmonics, f_c the shifted-cosine cutoff. The power
 spectrum is symmetric in its two (a, n) indices, so only the upper triangle is kept.
@@ -27,6 +45,7 @@ from torch import Tensor, nn
 from pes_calc.build import float64_default
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import shifted_cosine_cutoff
+from pes_calc.nn.long_range import LongRangeElectrostatics, neutralise
 from pes_calc.nn.mlp import MLP, PerSpecies, species_groups
 from pes_calc.nn.scatter import scatter_sum
 from pes_calc.potential import Architecture
@@ -66,11 +85,6 @@ class SoapBpnn(Architecture):
 
     def __init__(self, species: Sequence[str], hypers: Dict):
         super().__init__()
-        if hypers["long_range"]["enable"]:
-            raise NotImplementedError(
-                "long_range is not yet supported by pes_calc's SOAP-BPNN; "
-                "set long_range.enable to false"
-            )
         soap, bpnn, heads = hypers["soap"], hypers["bpnn"], hypers["heads"]
         self.num_species = len(species)
         self.cutoff = float(soap["cutoff"]["radius"])
@@ -112,20 +126,53 @@ class SoapBpnn(Architecture):
             networks.append(nn.Sequential(*layers))
         self.features_per_species = width if (hidden or head == "mlp") else self.soap_size
         self.network = PerSpecies(networks, self.features_per_species)
-        self.last_layer = nn.Linear(
-            self.num_species * self.features_per_species, 1, bias=False
-        )
+        block_width = self.num_species * self.features_per_species
+        long_range = hypers["long_range"]
+        if long_range["enable"]:
+            self.charges = nn.Linear(block_width, 1, bias=False)
+            self.long_range = LongRangeElectrostatics(
+                smearing=float(long_range["smearing"]),
+                kspace_resolution=float(long_range["kspace_resolution"]),
+                interpolation_nodes=int(long_range["interpolation_nodes"]),
+                use_ewald=bool(long_range["use_ewald"]),
+                exclusion_radius=self.cutoff,
+            )
+            self.last_layer = nn.Linear(block_width + 1, 1, bias=False)
+            with torch.no_grad():  # start from the plain Coulomb energy of q
+                self.last_layer.weight[0, -1] = 1.0
+        else:
+            self.charges = None
+            self.long_range = None
+            self.last_layer = nn.Linear(block_width, 1, bias=False)
 
     def forward(self, graph: AtomicGraph, vectors: Tensor) -> Tuple[Tensor, Tensor]:
-        """Raw per-atom energies (N,) and block last-layer features (N, T·W)."""
+        """Raw per-atom energies (N,) and last-layer features (N, T·W), with the
+        per-atom Coulomb energy as one more column (N, T·W + 1) with long range."""
+        block_features = self._block_features(graph, vectors)
+        if self.charges is not None and self.long_range is not None:
+            lengths = torch.linalg.vector_norm(vectors, dim=-1)
+            charges = self.charges(block_features).squeeze(-1)
+            coulomb = self.long_range(charges, graph, lengths)
+            block_features = torch.cat([block_features, coulomb.unsqueeze(-1)], dim=1)
+        return self.last_layer(block_features).squeeze(-1), block_features
+
+    def latent_charges(self, graph: AtomicGraph, vectors: Tensor) -> Tensor:
+        """(N,) neutralised latent charges (e) of a long-range model."""
+        charges = self.charges
+        if charges is None:
+            raise ValueError("this SOAP-BPNN has no long-range part")
+        block_features = self._block_features(graph, vectors)
+        return neutralise(charges(block_features).squeeze(-1), graph)
+
+    def _block_features(self, graph: AtomicGraph, vectors: Tensor) -> Tensor:
+        """(N, T·W) network features f̃, placed in the block of each atom's species."""
         soap = self._power_spectrum(self._density(graph, vectors))
         groups = species_groups(graph.species, self.num_species)
         features = self.network(soap, groups)  # (N, W)
         one_hot = nn.functional.one_hot(graph.species, self.num_species).to(
             features.dtype
         )
-        block_features = (one_hot.unsqueeze(-1) * features.unsqueeze(1)).flatten(1)
-        return self.last_layer(block_features).squeeze(-1), block_features
+        return (one_hot.unsqueeze(-1) * features.unsqueeze(1)).flatten(1)
 
     def _density(self, graph: AtomicGraph, vectors: Tensor) -> List[Tensor]:
         """Neighbour densities per l, each (N, 2l+1, T·n_l)."""

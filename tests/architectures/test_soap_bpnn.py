@@ -12,11 +12,11 @@ import pytest
 import torch
 from helpers import bulk
 
-from pes_calc import build_model, keys
+from pes_calc import build_model, keys, load_model, save_model
 from pes_calc.architectures.soap_bpnn import DEFAULT_HYPERS
-from pes_calc.graph import edge_vectors
+from pes_calc.graph import batch_graphs, edge_vectors
 from pes_calc.neighbors import atoms_to_graph
-from pes_calc.testing import random_rotation
+from pes_calc.testing import CHECKS, Subject, random_rotation
 
 SMALL_SOAP = {"max_angular": 3, "max_radial": 3}
 
@@ -97,9 +97,15 @@ def test_unknown_hyperparameter_is_named(hypers, name):
         build_model("soap_bpnn", ["Cu"], **hypers)
 
 
-def test_long_range_not_supported():
-    with pytest.raises(NotImplementedError, match="not yet supported"):
-        build_model("soap_bpnn", ["Cu"], soap=SMALL_SOAP, long_range={"enable": True})
+def test_long_range_defaults_are_metatrains():
+    assert DEFAULT_HYPERS["long_range"] == {
+        "enable": False,
+        "use_ewald": False,
+        "smearing": 1.4,
+        "kspace_resolution": 1.33,
+        "interpolation_nodes": 5,
+    }
+    assert small_model().architecture.long_range is None
 
 
 def test_unknown_head_type():
@@ -311,3 +317,198 @@ def test_model_is_deep_copyable(model):
     torch.testing.assert_close(
         copied(graph)[keys.FORCES], model(graph)[keys.FORCES], rtol=0, atol=0
     )
+
+
+# ------------------------------------------------------------ long range
+
+K = 14.399645478425668  # eV·Å/e²
+LONG_RANGE = pytest.mark.parametrize("use_ewald", [True, False], ids=["ewald", "pme"])
+
+
+def long_range_model(use_ewald=False, **long_range):
+    """A small Na/Cl model whose untrained latent charges (~0.01 e) are redrawn to
+    ~0.2 e, so that the Coulomb term is large enough to test."""
+    model = small_model(
+        ("Na", "Cl"), long_range={"enable": True, "use_ewald": use_ewald, **long_range}
+    )
+    weight = model.architecture.charges.weight
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        weight.copy_(torch.randn(weight.shape, generator=generator, dtype=weight.dtype))
+    return model
+
+
+def ionic_cell() -> ase.Atoms:
+    """Rattled triclinic 8-atom NaCl cell: pairs beyond the 5 Å exclusion interact."""
+    atoms = ase.build.bulk("NaCl", "rocksalt", a=5.0) * (2, 2, 1)
+    atoms.cell = atoms.cell.array + [[0.3, 0.1, 0.0], [0.0, 0.2, -0.3], [0.1, 0.0, 0.4]]
+    atoms.rattle(0.1, seed=5)
+    return atoms
+
+
+def coulomb_off(model):
+    """A copy whose readout ignores the Coulomb feature column."""
+    off = copy.deepcopy(model)
+    with torch.no_grad():
+        off.architecture.last_layer.weight[0, -1] = 0.0
+    return off
+
+
+@LONG_RANGE
+def test_long_range_hyperparameters_build_the_sums(use_ewald):
+    from torchpme import EwaldCalculator, PMECalculator
+
+    model = long_range_model(
+        use_ewald, smearing=1.2, kspace_resolution=0.9, interpolation_nodes=4
+    )
+    architecture = model.architecture
+    kspace = architecture.long_range.kspace
+    assert isinstance(kspace, EwaldCalculator if use_ewald else PMECalculator)
+    assert float(kspace.potential.smearing) == 1.2
+    assert float(kspace.potential.prefactor) == pytest.approx(K, rel=1e-12)
+    assert kspace.potential.exclusion_radius == model.cutoff == 5.0
+    if use_ewald:
+        assert kspace.lr_wavelength == 0.9
+    else:
+        assert kspace.mesh_spacing == 0.9 and kspace.interpolation_nodes == 4
+    width = 2 * architecture.features_per_species
+    assert architecture.charges.in_features == width
+    assert architecture.last_layer.in_features == width + 1  # + the Coulomb feature
+    assert float(architecture.last_layer.weight[0, -1].detach()) == 1.0
+    # torch-pme's buffers are hyperparameters, not weights
+    assert not [k for k in model.state_dict() if "kspace" in k]
+
+
+@LONG_RANGE
+def test_long_range_energy_is_a_last_layer_feature(use_ewald):
+    model = long_range_model(use_ewald)
+    graph = graph_of(model, ionic_cell())
+    raw, features = model.architecture(graph, edge_vectors(graph))
+    weights = model.architecture.last_layer.weight
+    torch.testing.assert_close(raw, (features @ weights.T).squeeze(-1))
+    coulomb = features[:, -1]
+    assert coulomb.abs().max() > 1e-3  # the sum is not trivially zero here
+    energy = model(graph, False, False)[keys.ENERGY]
+    torch.testing.assert_close(
+        energy - coulomb_off(model)(graph, False, False)[keys.ENERGY],
+        coulomb.sum().reshape(1),
+    )
+
+
+@LONG_RANGE
+def test_long_range_forces_and_stress_finite_differences(use_ewald):
+    """Forces and stress (one backward pass through the charges, the k-space sum and
+    the strained cell) against central differences on a triclinic ionic cell."""
+    from pes_calc.testing import numerical_forces
+
+    model = long_range_model(use_ewald)
+    atoms = ionic_cell()
+    subject = Subject(model)
+    outputs = subject(subject.graph(atoms))
+    forces = numerical_forces(subject.energy, atoms, h=1e-5)
+    np.testing.assert_allclose(outputs[keys.FORCES], forces, atol=1e-6)
+    without = Subject(coulomb_off(model))(subject.graph(atoms))
+    assert np.abs(outputs[keys.FORCES] - without[keys.FORCES]).max() > 1e-3
+    assert np.abs(outputs[keys.STRESS] - without[keys.STRESS]).max() > 1e-5
+    h, stress = 1e-5, np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for step in (h, -h):
+                strain = np.eye(3)
+                strain[a, b] += 0.5 * step
+                strain[b, a] += 0.5 * step
+                strained = atoms.copy()
+                strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+                energies.append(subject.energy(strained))
+            stress[a, b] = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
+    np.testing.assert_allclose(outputs[keys.STRESS][0], stress, atol=1e-7)
+
+
+@LONG_RANGE
+def test_long_range_model_passes_the_contract(use_ewald):
+    """pes_calc.testing's checks, except PME's translation invariance: its mesh
+    interpolation moves the energy by ~1e-5 eV (tested below)."""
+    subject = Subject(long_range_model(use_ewald))
+    for name, check in CHECKS.items():
+        if name != "invariances" or use_ewald:
+            check(subject)
+    atoms = subject.bulk()
+    moved = atoms.copy()
+    moved.positions += [0.3, -1.7, 2.2]
+    # measured: 8.5e-6 eV of 0.14 eV
+    assert subject.energy(moved) == pytest.approx(subject.energy(atoms), abs=5e-5)
+
+
+def test_long_range_charges_are_neutral_per_structure():
+    model = long_range_model()
+    graphs = [graph_of(model, ionic_cell()), graph_of(model, cluster("NaClNaNaNa"))]
+    graph = batch_graphs(graphs)
+    charges = model.architecture.latent_charges(graph, edge_vectors(graph))
+    sums = torch.zeros(2, dtype=charges.dtype)
+    sums = sums.index_add(0, graph.structure_index, charges)
+    torch.testing.assert_close(sums, torch.zeros(2, dtype=charges.dtype))
+    assert charges.abs().max() > 1e-3
+
+
+def test_long_range_energy_decays_as_coulomb_beyond_the_cutoff():
+    """Two Na-Cl molecules r > 5 Å apart: their environments and charges do not change
+    with r, so the energy above two lone molecules is the Coulomb energy of the
+    charges across, Σ_ij k q_i q_j erf(r_ij/√2σ)/r_ij: a dipole-dipole 1/r³ decay."""
+    model = long_range_model()
+    molecule = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 2.5]])
+
+    def energy(atoms):
+        return float(model(graph_of(model, atoms), False, False)[keys.ENERGY])
+
+    lone = ase.Atoms("NaCl", positions=molecule)
+    graph = graph_of(model, lone)
+    q = model.architecture.latent_charges(graph, edge_vectors(graph)).detach().numpy()
+    assert q[0] == pytest.approx(-q[1]) and abs(q[0]) > 0.05
+    interactions = []
+    for r in (6.0, 8.0, 12.0, 24.0):
+        positions = np.concatenate([molecule, molecule + [r, 0.0, 0.0]])
+        pair = ase.Atoms("NaClNaCl", positions=positions)
+        interaction = energy(pair) - 2 * energy(lone)
+        distances = np.linalg.norm(positions[:2, None] - positions[None, 2:], axis=-1)
+        coulomb = K * q[:, None] * q[None, :] * erf_(distances / (1.4 * math.sqrt(2)))
+        assert interaction == pytest.approx(np.sum(coulomb / distances), rel=1e-8)
+        interactions.append(interaction)
+    # parallel dipoles side by side repel, and the interaction falls as r⁻³
+    assert interactions[0] > 0
+    assert interactions[2] / interactions[3] == pytest.approx(8.0, rel=0.05)
+
+
+def erf_(x):
+    return np.vectorize(math.erf)(x)
+
+
+@LONG_RANGE
+def test_long_range_safetensors_and_torchscript_round_trips(use_ewald, tmp_path):
+    from pes_calc.compile import compile_model, load_artefact
+
+    model = long_range_model(use_ewald)
+    graph = batch_graphs(
+        [graph_of(model, ionic_cell()), graph_of(model, cluster("NaClNaNaClCl"))]
+    )
+    eager = model(graph)  # a forward with gradients first: the copies must survive it
+    save_model(model, tmp_path / "m.safetensors")
+    loaded = load_model(tmp_path / "m.safetensors").to(torch.float64)
+    compile_model(model, tmp_path / "m.pt")
+    scripted, _ = load_artefact(tmp_path / "m.pt")
+    for other in (loaded(graph), scripted(graph, True, True)):
+        for key in (keys.ENERGY, keys.ENERGIES, keys.FORCES, keys.STRESS):
+            torch.testing.assert_close(other[key], eager[key], rtol=1e-10, atol=1e-12)
+
+
+def test_long_range_compiles_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from pes_calc.cli import main
+
+    save_model(long_range_model(), tmp_path / "m.safetensors")
+    result = CliRunner().invoke(
+        main, ["compile", str(tmp_path / "m.safetensors"), "-o", str(tmp_path / "m.pt")]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "m.pt").stat().st_size > 0

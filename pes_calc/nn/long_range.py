@@ -1,0 +1,223 @@
+"""Long-range electrostatics of per-atom latent charges, summed with torch-pme.
+
+An architecture predicts one latent charge q̃_i per atom; this module neutralises
+them per structure and returns per-atom electrostatic energies:
+
+| quantity | code | formula |
+|---|---|---|
+| charges (e) | `neutralise` | q_i = q̃_i - (1/n_s) Σ_{j in s} q̃_j |
+| pair kernel (eV/e²) | `pair_kernel` | v(r) = k erf(r/√2σ)/r · (1 - f_x(r)) |
+| exclusion switch | `f_cutoff` | f_x = (1 + cos πr/r_x)/2 for r < r_x, else 0 |
+| per-atom energy (eV) | `forward` | E_i = ½ q_i Σ_{j, images} q_j v(r_ij) |
+
+Units: Å, e, eV; k = torchpme.prefactors.eV_A = 14.399645 eV·Å/e².
+
+- **Periodic** structures (3 periodic directions) use torch-pme's Ewald sum
+  (``use_ewald``) or particle-mesh Ewald with Lagrange interpolation on
+  ``interpolation_nodes`` points per axis. ``kspace_resolution`` (Å) is Ewald's
+  shortest wavelength and PME's mesh spacing; ``smearing`` σ (Å) splits the Coulomb
+  law into k-space and real-space parts.
+- **Slabs** (exactly 2 periodic directions) add torch-pme's 2D correction
+  (Yeh–Berkowitz, 2π M_z²/V for a neutral cell). It needs a cell vector along the
+  non-periodic axis, aligned with that Cartesian axis and perpendicular to the two
+  periodic vectors, with a vacuum gap: anything else raises ``ValueError``, as does
+  one periodic direction (wires).
+- **Non-periodic** structures sum v(r) over all pairs directly (O(n²)).
+
+**Exclusion radius.** With ``exclusion_radius`` r_x (the SOAP cutoff in SOAP-BPNN)
+pairs closer than r_x are switched off smoothly, since the short-range model
+describes them, and the real-space part is only the -f_x erf/r correction over the
+graph edges, which the switch takes to zero with its slope at r_x: edges beyond r_x
+(a Verlet skin) add nothing. Beyond r_x the kernel is the Coulomb law up to
+erfc(r/√2σ) (< 4e-4 at r ≥ 5 Å for σ = 1.4 Å). The direct sum uses the same kernel,
+so a molecule in a large box and in vacuum agree. Without an exclusion radius the
+kernel is the bare Coulomb law and the real-space sum runs over the graph edges
+(erfc(r/√2σ)/r, so the graph cutoff must be several σ).
+
+**Neutrality.** Latent charges are not physical charges and the model is not told a
+total charge, so every structure is made neutral (the mean charge is subtracted).
+The Ewald sum of a charged cell would depend on the smearing through its background
+term, and periodic and vacuum energies of the same molecule could not agree.
+
+Edges are the graph's full list (both i→j and j→i), which torch-pme takes with
+``full_neighbor_list=True``. Forces and stress come from autograd through positions
+and the (strained) cell, including the k-vectors and the volume.
+"""
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor, nn
+from torchpme import CoulombPotential, EwaldCalculator, PMECalculator
+from torchpme.prefactors import eV_A
+
+from pes_calc.graph import AtomicGraph, atoms_per_structure, number_of_structures
+from pes_calc.nn.scatter import scatter_sum
+
+COULOMB_CONSTANT = float(eV_A)  # e²/(4πε₀) in eV·Å
+
+
+def neutralise(charges: Tensor, graph: AtomicGraph) -> Tensor:
+    """(N,) charges minus the mean charge of each atom's structure."""
+    num_structures = number_of_structures(graph)
+    counts = atoms_per_structure(graph).clamp(min=1).to(charges.dtype)
+    means = scatter_sum(charges, graph.structure_index, num_structures) / counts
+    return charges - means[graph.structure_index]
+
+
+class LongRangeElectrostatics(nn.Module):
+    """Per-atom Coulomb energies (eV) of neutralised latent charges (e).
+
+    Parameters are metatrain's ``long_range`` hyperparameters (Å) plus the
+    exclusion radius (Å, ``None`` for the bare Coulomb law).
+    """
+
+    def __init__(
+        self,
+        smearing: float = 1.4,
+        kspace_resolution: float = 1.33,
+        interpolation_nodes: int = 5,
+        use_ewald: bool = False,
+        exclusion_radius: Optional[float] = None,
+    ):
+        super().__init__()
+        if smearing <= 0 or kspace_resolution <= 0:
+            raise ValueError(
+                "long_range smearing and kspace_resolution must be positive"
+            )
+        if exclusion_radius is not None:
+            exclusion_radius = float(exclusion_radius)
+        potential = CoulombPotential(
+            smearing=float(smearing),
+            exclusion_radius=exclusion_radius,
+            prefactor=COULOMB_CONSTANT,
+        )
+        self.use_ewald = bool(use_ewald)
+        self.excluded = exclusion_radius is not None
+        if self.use_ewald:
+            self.kspace = EwaldCalculator(
+                potential,
+                lr_wavelength=float(kspace_resolution),
+                full_neighbor_list=True,
+            )
+        else:
+            if int(interpolation_nodes) not in (3, 4, 5, 6, 7):
+                raise ValueError(
+                    "long_range interpolation_nodes must be 3 to 7 for PME"
+                )
+            self.kspace = PMECalculator(
+                potential,
+                mesh_spacing=float(kspace_resolution),
+                interpolation_nodes=int(interpolation_nodes),
+                full_neighbor_list=True,
+            )
+        # torch-pme's buffers (smearing, prefactor) are hyperparameters, rebuilt from
+        # the config, and PME registers its potential twice: keep them out of the
+        # state dict, which safetensors could not store with shared tensors
+        for module in self.kspace.modules():
+            module._non_persistent_buffers_set.update(module._buffers.keys())
+
+    def forward(self, charges: Tensor, graph: AtomicGraph, lengths: Tensor) -> Tensor:
+        """(N,) energies E_i from raw charges (N,) and the edge lengths (E,)."""
+        charges = neutralise(charges, graph)
+        counts: List[int] = atoms_per_structure(graph).tolist()
+        periodic_structures: List[bool] = graph.pbc.any(dim=1).tolist()
+        # every pair within each non-periodic structure, summed in one pass
+        device = charges.device
+        pairs: List[Tensor] = [torch.zeros((2, 0), dtype=torch.long, device=device)]
+        start = 0
+        for s, count in enumerate(counts):
+            if not periodic_structures[s]:
+                pairs.append(
+                    torch.triu_indices(count, count, 1, device=device) + start
+                )
+            start += count
+        direct = self._direct(charges, graph.positions, torch.cat(pairs, dim=1))
+        if not any(periodic_structures):
+            return direct
+
+        edge_structure = graph.structure_index[graph.edge_index[0]]
+        energies: List[Tensor] = []
+        start = 0
+        for s, count in enumerate(counts):
+            if not periodic_structures[s]:
+                energies.append(direct[start : start + count])
+                start += count
+                continue
+            q = charges[start : start + count]
+            cell, periodic = graph.cell[s], graph.pbc[s]
+            _check_periodic_cell(cell, periodic)
+            mask = edge_structure == s
+            # torch-pme returns V_i = ½ Σ_j q_j v(r_ij), so E_i = q_i V_i
+            potential = self.kspace(
+                charges=q.unsqueeze(-1),
+                cell=cell,
+                positions=graph.positions[start : start + count],
+                neighbor_indices=(graph.edge_index[:, mask] - start).T,
+                neighbor_distances=lengths[mask],
+                periodic=periodic,
+            )
+            energies.append(q * potential.squeeze(-1))
+            start += count
+        if not torch.jit.is_scripting():
+            self._detach_mesh_state()
+        return torch.cat(energies)
+
+    def pair_kernel(self, distances: Tensor) -> Tensor:
+        """v(r) in eV/e² for the direct sum; Ewald and PME sum it over images."""
+        potential = self.kspace.potential
+        if self.excluded:
+            return potential.lr_from_dist(distances) * (
+                1.0 - potential.f_cutoff(distances)
+            )
+        return potential.from_dist(distances)
+
+    def _direct(self, charges: Tensor, positions: Tensor, pairs: Tensor) -> Tensor:
+        """(N,) energies from summing v over ``pairs`` (2, P), each pair once."""
+        i, j = pairs[0], pairs[1]
+        distances = torch.linalg.vector_norm(positions[j] - positions[i], dim=-1)
+        kernel = self.pair_kernel(distances)
+        count = positions.shape[0]
+        field = scatter_sum(charges[j] * kernel, i, count) + scatter_sum(
+            charges[i] * kernel, j, count
+        )
+        return 0.5 * charges * field
+
+    @torch.jit.unused
+    def _detach_mesh_state(self) -> None:
+        """PME keeps its last cell, k-space filter and interpolation weights as plain
+        attributes; detach them, or deep-copying the model after a forward pass with
+        gradients (the trainer, `compile_model`) fails on non-leaf tensors."""
+        for module in self.kspace.modules():
+            for name, value in list(vars(module).items()):
+                if isinstance(value, Tensor) and value.requires_grad:
+                    setattr(module, name, value.detach())
+
+
+def _check_periodic_cell(cell: Tensor, periodic: Tensor) -> None:
+    """Raise ``ValueError`` for a periodic structure torch-pme cannot sum."""
+    num_periodic = int(periodic.sum())
+    if num_periodic == 1:
+        raise ValueError(
+            "long-range electrostatics supports 3 or 2 periodic directions, or none; "
+            "this structure is periodic along one direction only"
+        )
+    if bool(torch.abs(torch.linalg.det(cell)) < 1e-6):
+        raise ValueError(
+            "long-range electrostatics needs a cell with volume: for a slab, give a "
+            "cell vector along the non-periodic direction (with vacuum)"
+        )
+    if num_periodic == 2:
+        axis = int(torch.argmin(periodic.to(torch.int64)))
+        off_axis = torch.ones(3, dtype=torch.bool, device=cell.device)
+        off_axis[axis] = False
+        # torch-pme's slab correction reads Cartesian coordinates along `axis`
+        misaligned = torch.abs(cell[axis][off_axis]).max() + torch.abs(
+            cell[off_axis][:, axis]
+        ).max()
+        if bool(misaligned > 1e-6):  # Å
+            raise ValueError(
+                "long-range electrostatics of a slab needs the non-periodic cell "
+                f"vector along Cartesian axis {axis} and the periodic vectors "
+                "perpendicular to it"
+            )
