@@ -361,7 +361,7 @@ def run_worker(
         setup_s=setup_s,
         results={},
     )
-    big = len(atoms) > 2048
+    big = len(atoms) >= 2048
     for mode in spec["modes"]:
         record["results"][mode] = measure(
             calc,
@@ -880,7 +880,7 @@ def main() -> None:
     parser.add_argument(
         "--steps", type=int, default=10, help="timed MD steps (at most)"
     )
-    parser.add_argument("--warmup", type=int, default=2, help="(1 above 2048 atoms)")
+    parser.add_argument("--warmup", type=int, default=2, help="(1 from 2048 atoms on)")
     parser.add_argument(
         "--budget",
         type=float,
