@@ -64,7 +64,7 @@ def evaluate(
     model: torch.nn.Module | str | os.PathLike | PESCalculator,
     structures: Sequence[ase.Atoms],
     *,
-    batch_size: int = 32,
+    batch_size: int = 16,
     properties: Sequence[str] | None = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
@@ -83,7 +83,9 @@ def evaluate(
     structures
         Any mix of periodic, partly periodic (slabs) and non-periodic structures.
     batch_size
-        Structures per graph; one forward and one backward pass each.
+        Structures per graph; one forward and one backward pass each. On CPU,
+        8–32 structures of ~40 atoms were fastest (scripts/benchmark_evaluate.py);
+        much larger graphs were slower per atom.
     properties
         Names from `PESCalculator.implemented_properties`. Default: what one
         calculator call fills — ``energy``, ``free_energy``, ``energies``,

@@ -150,7 +150,7 @@ class PESCalculator(Calculator):
     def calculate_batch(
         self,
         structures: Sequence[ase.Atoms],
-        batch_size: int = 32,
+        batch_size: int = 16,
         properties: Sequence[str] | None = None,
         **kwargs: Any,
     ) -> list[dict[str, Any]] | list[ase.Atoms]:
