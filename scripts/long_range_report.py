@@ -22,7 +22,7 @@ import ase.io  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from pes_calc import load_model, keys  # noqa: E402
+from pes_calc import keys, load_model  # noqa: E402
 from pes_calc.neighbors import atoms_to_graph  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -38,7 +38,7 @@ SCAN_GAPS = (3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0)
 def model_energy(model, atoms: ase.Atoms) -> float:
     """Energy (eV) of one structure, float64."""
     graph = atoms_to_graph(atoms, model.species, model.cutoff)
-    return float(model(graph, False, False)[keys.ENERGY].sum())
+    return float(model(graph, False, False)[keys.ENERGY].detach().sum())
 
 
 def reference_energy(atoms: ase.Atoms) -> float:
