@@ -921,6 +921,11 @@ def main() -> None:
         help="add the records of earlier --json files (e.g. a 16384-atom run)",
     )
     parser.add_argument("--readme", action="store_true", help="rewrite README's block")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="only print (and --readme) the tables of --merge files",
+    )
     args = parser.parse_args()
 
     import torch
@@ -937,16 +942,21 @@ def main() -> None:
     records: list[dict] = []
     for earlier in args.merge:
         records += json.loads(earlier.read_text())["records"]
-    folder = Path(tempfile.mkdtemp(prefix="pes-bench-"))
-    try:
-        peers = [p for p in args.peer_list if args.peers or args.peers_only]
-        for architecture in args.architectures:
-            records += run_architecture(args, architecture, folder, peers)
-        if "mace" in peers:
-            records += run_architecture(args, "mace", folder, peers)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    meta["loadavg_end"] = os.getloadavg()
+    if args.report_only:
+        if not args.merge:
+            raise SystemExit("--report-only needs --merge FILE")
+        meta = json.loads(args.merge[0].read_text())["meta"]
+    else:
+        folder = Path(tempfile.mkdtemp(prefix="pes-bench-"))
+        try:
+            peers = [p for p in args.peer_list if args.peers or args.peers_only]
+            for architecture in args.architectures:
+                records += run_architecture(args, architecture, folder, peers)
+            if "mace" in peers:
+                records += run_architecture(args, "mace", folder, peers)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+        meta["loadavg_end"] = os.getloadavg()
     systems = list(
         dict.fromkeys(
             [*args.systems, *(r.get("system") for r in records if r.get("system"))]
