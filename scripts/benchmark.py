@@ -380,6 +380,8 @@ def run_worker(
     record["delta_rss_mb"] = record["peak_rss_mb"] - rss_before
     if cuda:
         record["cuda_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    if getattr(calc, "bench_note", None):
+        record["note"] = calc.bench_note
     for name in ("neighbor_list_builds", "neighbor_list_reuses"):
         if hasattr(calc, name):
             record[name] = getattr(calc, name)
@@ -529,6 +531,9 @@ def _make_pes_calc(spec: dict[str, Any]) -> tuple[Any, Stages | None]:
     if not spec.get("profile", True):
         return PESCalculator(spec["path"], device=spec["device"]), None
     calc = InstrumentedCalculator(spec["path"], device=spec["device"])
+    if spec["artefact"] == "aotinductor" and not hasattr(calc.model, "compiled"):
+        # the loader falls back to the eager model when the compiled one fails
+        calc.bench_note = "AOTInductor artefact fell back to eager at load"
     calc.model = _TimedModel(calc.model, stages)
     return calc, stages
 
@@ -758,7 +763,8 @@ def ours_table(records: list[dict], systems: Sequence[str]) -> str:
         share_text = [f"{100 * s:.0f}%" if s is not None else "–" for s in cells]
         counts = "/".join(str(r["n"]) for r in results.values())
         lines.append(
-            f"| {record['architecture']} | {record['artefact']} | "
+            f"| {record['architecture']} | {record['artefact']}"
+            f"{' (' + record['note'] + ')' if record.get('note') else ''} | "
             f"{_system_label(record['system'])} | {_fmt_ms(_ms(record, 'single'))} | "
             f"{_fmt_ms(_ms(record, 'md'))} | {md['atom_steps_per_s']:,.0f} | "
             f"{counts} | "
