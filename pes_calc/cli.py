@@ -25,7 +25,7 @@ def main() -> None:
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-    help="Where to write the compiled model (.pt for TorchScript).",
+    help="Where to write the compiled model (.pt for TorchScript, .pt2 for AOTInductor).",
 )
 @click.option(
     "--mode", type=click.Choice(["torchscript", "aotinductor"]), default="torchscript",
@@ -44,7 +44,11 @@ def compile_command(
     model: Path, output: Path, mode: str, device: str, dtype: str | None,
     modifiers: tuple[str, ...],
 ) -> None:
-    """Compile MODEL (.safetensors) into a self-describing artefact."""
+    """Compile MODEL (.safetensors) into a self-describing artefact.
+
+    AOTInductor packages take minutes to compile and are cached by weights, torch
+    version, device and dtype in $PES_CALC_CACHE_DIR (default ~/.cache/pes_calc).
+    """
     from pes_calc.compile import compile_model
     from pes_calc.io import ModelFileError, load_model
 
@@ -56,7 +60,7 @@ def compile_command(
             eager, output, mode=mode, device=device,
             dtype=DTYPES[dtype] if dtype else None, modifiers=modifiers,
         )
-    except (ModelFileError, NotImplementedError) as error:
+    except (ModelFileError, NotImplementedError, ValueError) as error:
         raise click.ClickException(str(error)) from error
     click.echo(f"wrote {output} ({mode}, {device}, {dtype or 'model dtype'})")
 

@@ -203,7 +203,10 @@ def _or_zeros(gradient: Optional[Tensor], like: Tensor) -> Tensor:
 
 def _stress(strain_gradient: Tensor, cell: Tensor) -> Tensor:
     """(S, 3, 3) symmetric stress from ∂E/∂ε; zero for cells without volume."""
-    volume = torch.abs(torch.linalg.det(cell))  # (S,)
+    # the triple product, not det: AOTInductor has no C kernel for det
+    volume = torch.abs(
+        torch.sum(cell[:, 0] * torch.linalg.cross(cell[:, 1], cell[:, 2]), dim=-1)
+    )  # (S,)
     safe_volume = torch.where(volume > 0, volume, torch.ones_like(volume))
     stress = 0.5 * (strain_gradient + strain_gradient.transpose(1, 2))
     stress = stress / safe_volume[:, None, None]

@@ -1,0 +1,188 @@
+"""Tests of `pes_calc.compile`'s AOTInductor packages (TorchScript artefacts are
+tested with the calculator, the contract and LLPR).
+
+One tiny float64 SOAP-BPNN wrapped in LLPR is compiled once for the module (about a
+minute): the compiled graph must equal eager on structures of other sizes, cells and
+numbers of structures than it was traced on, and everything it was not compiled for
+must fall back to eager.
+"""
+
+from __future__ import annotations
+
+import ase
+import ase.build
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from helpers import emt_structures
+
+from pes_calc import PESCalculator, build_model, evaluate, keys, save_model
+from pes_calc import compile as compile_module
+from pes_calc.cli import main
+from pes_calc.compile import (
+    AOTInductorPotential,
+    compile_model,
+    load_artefact,
+    read_artefact_metadata,
+)
+from pes_calc.llpr import LLPR, wrap
+from pes_calc.neighbors import atoms_to_graph
+from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
+
+# a fallback to eager warns: a test that meant the compiled code must not pass on it
+pytestmark = pytest.mark.filterwarnings("error:.*eager model instead:UserWarning")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("PES_CALC_CACHE_DIR", str(path))
+        yield path
+
+
+@pytest.fixture(scope="module")
+def llpr() -> LLPR:
+    model = build_model(
+        "soap_bpnn", ["Cu", "Ag"], model_dtype="float64", seed=0,
+        soap={"max_angular": 2, "max_radial": 2},
+        bpnn={"num_hidden_layers": 1, "num_neurons_per_layer": 6},
+    )
+    structures = emt_structures(6, seed=0)
+    labels = extract_labels(structures, LabelKeys())
+    graphs = labelled_graphs(structures, labels, model.species, model.cutoff)
+    return wrap(model, 4, graphs[:4], graphs[4:], batch_size=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def package(llpr, cache, tmp_path_factory):
+    path = tmp_path_factory.mktemp("aoti") / "model.pt2"
+    compile_model(llpr, path, mode="aotinductor")
+    return path
+
+
+def structures() -> list[ase.Atoms]:
+    """Sizes, cells and periodicities the package was not traced on."""
+    rng = np.random.default_rng(5)
+    triclinic = ase.build.bulk("Cu", "fcc", a=3.65, cubic=True) * (2, 2, 1)
+    triclinic.cell = triclinic.cell.array + rng.uniform(-0.3, 0.3, (3, 3))
+    cluster = ase.Atoms(
+        "Cu4Ag", positions=[[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0], [0, 0, 2.5], [2, 2, 2]]
+    )
+    slab = ase.build.fcc111("Cu", size=(2, 2, 3), vacuum=5.0, a=3.61)
+    slab.pbc = (True, True, False)
+    primitive = ase.build.bulk("Ag", "fcc", a=4.0)  # one atom: edges to its images
+    result = [triclinic, cluster, slab, primitive]
+    for atoms in result:
+        symbols = rng.choice(["Cu", "Ag"], size=len(atoms))
+        atoms.set_chemical_symbols(list(symbols))
+        atoms.positions += rng.normal(0.0, 0.05, atoms.positions.shape)
+    return result
+
+
+def test_package_holds_its_metadata(package, llpr):
+    metadata = read_artefact_metadata(package)
+    assert metadata["artefact"] == "aotinductor"
+    assert metadata["llpr"] == llpr.config["llpr"]
+    assert metadata["compiled_outputs"] == [
+        keys.ENERGY, keys.ENERGIES, keys.FORCES, keys.STRESS,
+        keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY, keys.ENERGY_ENSEMBLE,
+    ]
+    loaded, _ = load_artefact(package)
+    assert isinstance(loaded, AOTInductorPotential)
+
+
+@pytest.mark.parametrize("index", range(4))
+def test_compiled_equals_eager(package, llpr, index):
+    atoms = structures()[index]
+    compiled, _ = load_artefact(package)
+    graph = atoms_to_graph(atoms, llpr.species, llpr.cutoff)
+    periodic = bool(atoms.pbc.all())
+    expected = llpr(graph, True, periodic)
+    got = compiled(graph, True, periodic)
+    assert (keys.STRESS in got) == periodic
+    for name in compiled.output_names:
+        if name in expected:
+            np.testing.assert_allclose(
+                got[name].detach().numpy(), expected[name].detach().numpy(),
+                rtol=1e-9, atol=1e-10, err_msg=name,
+            )
+
+
+def test_batches_of_structures(package, llpr):
+    """A dynamic number of structures: batched evaluation through the package."""
+    eager = evaluate(llpr, structures(), batch_size=3, device="cpu")
+    compiled = evaluate(package, structures(), batch_size=3, device="cpu")
+    for got, expected in zip(compiled, eager, strict=True):
+        assert set(got) == set(expected)
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-9, atol=1e-10)
+
+
+def test_calculator_md_and_ensemble_forces(package, llpr):
+    """MD through the calculator; ensemble forces come from the eager model."""
+    from ase.md.verlet import VelocityVerlet
+
+    energies = {}
+    for name, model in (("eager", llpr), ("compiled", package)):
+        atoms = structures()[0]
+        atoms.calc = PESCalculator(model, device="cpu")
+        kind = LLPR if name == "eager" else AOTInductorPotential
+        assert isinstance(atoms.calc.model, kind)
+        VelocityVerlet(atoms, timestep=1.0 * ase.units.fs).run(5)
+        energies[name] = atoms.get_potential_energy()
+        forces_uncertainty = atoms.calc.get_property("forces_uncertainty", atoms)
+        energies[name + " σF"] = forces_uncertainty
+    np.testing.assert_allclose(energies["compiled"], energies["eager"], rtol=1e-10)
+    np.testing.assert_allclose(energies["compiled σF"], energies["eager σF"], rtol=1e-8)
+
+
+def test_a_second_compile_comes_from_the_cache(package, llpr, tmp_path, monkeypatch):
+    def fail(*args):
+        raise AssertionError("compiled again instead of using the cache")
+
+    monkeypatch.setattr(compile_module, "_export_and_compile", fail)
+    compile_model(llpr, tmp_path / "again.pt2", mode="aotinductor")
+    assert (tmp_path / "again.pt2").read_bytes() == package.read_bytes()
+    # the CLI too, from the .safetensors file
+    save_model(llpr, tmp_path / "model.safetensors")
+    result = CliRunner().invoke(main, [
+        "compile", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "cli.pt2"),
+        "--mode", "aotinductor",
+    ])
+    assert result.exit_code == 0, result.output
+    info = CliRunner().invoke(main, ["info", str(tmp_path / "cli.pt2")])
+    assert "aotinductor" in info.output
+    # other weights are another key: that would compile
+    other = build_model("soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2})
+    with pytest.raises(AssertionError, match="compiled again"):
+        compile_model(other, tmp_path / "other.pt2", mode="aotinductor")
+
+
+def test_broken_compiled_code_falls_back_to_eager(package, llpr, monkeypatch):
+    def broken(path):
+        raise RuntimeError("undefined symbol in the shared library")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", broken)
+    with pytest.warns(UserWarning, match="eager model instead"):
+        model, _ = load_artefact(package)
+    assert isinstance(model, LLPR)
+
+
+def test_disagreeing_compiled_code_falls_back_to_eager(package, monkeypatch):
+    real = torch._inductor.aoti_load_package
+
+    def off_by_a_bit(path):
+        compiled = real(path)
+        return lambda *args: tuple(value * 1.001 for value in compiled(*args))
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", off_by_a_bit)
+    with pytest.warns(UserWarning, match="differs from eager"):
+        model, _ = load_artefact(package)
+    assert isinstance(model, LLPR)
+
+
+def test_unknown_mode(llpr, tmp_path):
+    with pytest.raises(ValueError, match="unknown compile mode"):
+        compile_model(llpr, tmp_path / "x", mode="tensorrt")
