@@ -117,6 +117,13 @@ def compile_model(
         torch_version=torch.__version__,
     )
     if mode == "aotinductor":
+        if metadata["model"].get("long_range", {}).get("enable"):
+            # k-vectors and PME mesh sizes depend on the cell's values: export
+            # stops at these data-dependent shapes
+            raise NotImplementedError(
+                "AOTInductor cannot compile long-range (Ewald/PME) models yet; "
+                "use --mode torchscript"
+            )
         _compile_aotinductor(model, Path(path), metadata)
         return
     # e3nn's script recursively traces the submodules it marks "trace" (its gate

@@ -186,3 +186,12 @@ def test_disagreeing_compiled_code_falls_back_to_eager(package, monkeypatch):
 def test_unknown_mode(llpr, tmp_path):
     with pytest.raises(ValueError, match="unknown compile mode"):
         compile_model(llpr, tmp_path / "x", mode="tensorrt")
+
+
+def test_long_range_models_are_refused(tmp_path):
+    model = build_model(
+        "soap_bpnn", ["Na", "Cl"], soap={"max_angular": 2, "max_radial": 2},
+        long_range={"enable": True},
+    )
+    with pytest.raises(NotImplementedError, match="long-range"):
+        compile_model(model, tmp_path / "lr.pt2", mode="aotinductor")
