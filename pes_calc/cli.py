@@ -274,12 +274,17 @@ def md_command(
     required=True, help="Run directory: model.safetensors, checkpoint.pt, train.csv.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
-def train_command(config: Path, outdir: Path, quiet: bool) -> None:
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads (torch's default can be much slower on a busy "
+              "machine).")
+def train_command(config: Path, outdir: Path, quiet: bool, threads: int | None) -> None:
     """Train the model described by CONFIG (YAML); rerun to resume."""
     from pes_calc.io import ModelFileError
     from pes_calc.neighbors import UnknownSpeciesError
     from pes_calc.train import DatasetError, TrainingConfigError, load_config, train
 
+    if threads is not None:
+        torch.set_num_threads(threads)
     try:
         result = train(load_config(config), outdir, progress=not quiet)
     except (TrainingConfigError, DatasetError, ModelFileError, UnknownSpeciesError,

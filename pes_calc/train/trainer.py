@@ -679,17 +679,28 @@ def _read_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
         ) from error
     if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT:
         raise TrainingConfigError(f"{path} is not a pes_calc training checkpoint")
-    previous = copy.deepcopy(checkpoint["config"])
-    current = copy.deepcopy(config)
-    # more epochs may be asked for on resume; anything else must match
-    previous["architecture"]["training"].pop("num_epochs")
-    current["architecture"]["training"].pop("num_epochs")
+    previous = _comparable(checkpoint["config"])
+    current = _comparable(config)
     if previous != current:
         raise TrainingConfigError(
             f"{path.parent} holds a run with a different config; use another output "
             "directory or delete its checkpoint.pt to start again"
         )
     return checkpoint
+
+
+def _comparable(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a config a resumed run must share with the checkpoint's: not
+    num_epochs (more may be asked for), and file paths compared as absolute paths
+    (so "data/x.xyz" and "/work/data/x.xyz" are the same run)."""
+    config = copy.deepcopy(config)
+    config["architecture"]["training"].pop("num_epochs", None)
+    for section, names in ((config.get("data", {}), ("train", "val", "test")),
+                           (config["architecture"]["training"], ("model_checkpoint",))):
+        for name in names:
+            if isinstance(section.get(name), str):
+                section[name] = os.path.abspath(section[name])
+    return config
 
 
 def _read_log(path: Path, last_epoch: int) -> list[dict[str, str]]:

@@ -2,6 +2,7 @@ import csv
 import json
 import os
 import socket
+from pathlib import Path
 
 import ase.io
 import numpy as np
@@ -73,7 +74,7 @@ def test_training_lowers_the_error_and_writes_a_described_model(data, tmp_path):
     assert model.per_type_energy_scales.item() == pytest.approx(stats["forces_rms"])
 
 
-def test_interrupted_run_resumes_to_the_same_model(data, tmp_path):
+def test_interrupted_run_resumes_to_the_same_model(data, tmp_path, monkeypatch):
     uninterrupted = train(config(data), tmp_path / "a", progress=False)
 
     def interrupt(epoch, row):
@@ -91,8 +92,14 @@ def test_interrupted_run_resumes_to_the_same_model(data, tmp_path):
 
     with pytest.raises(TrainingConfigError, match="different config"):
         train(config(data, learning_rate=1e-2), tmp_path / "b", progress=False)
-    # asking for more epochs continues the run
-    longer = train(config(data, epochs=5), tmp_path / "b", progress=False)
+    # asking for more epochs continues the run, also when the same files are
+    # named relative to the working directory
+    longer_config = config(data, epochs=5)
+    longer_config["data"] = {
+        name: Path(value).name for name, value in longer_config["data"].items()
+    }
+    monkeypatch.chdir(data)
+    longer = train(longer_config, tmp_path / "b", progress=False)
     assert len(log_rows(tmp_path / "b")) == 5 and longer.model is not None
 
 
@@ -196,8 +203,13 @@ def test_cli_train_then_eval_json_matches_the_calculator(data, tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(config(data, epochs=1)))
     runner = CliRunner()
     out = tmp_path / "run"
-    result = runner.invoke(main, ["train", str(tmp_path / "config.yaml"), "-o", str(out),
-                                  "--quiet"])
+    threads = torch.get_num_threads()
+    try:
+        result = runner.invoke(main, ["train", str(tmp_path / "config.yaml"), "-o",
+                                      str(out), "--quiet", "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert result.exit_code == 0, result.output
     assert load_config(tmp_path / "config.yaml")["seed"] == 3
 
