@@ -11,7 +11,7 @@ kind of structure:
   structures for MD.
 * ``molecules-gfn2``: small H/C/N/O molecules sampled with Langevin MD at 300–600 K
   run with GFN2-xTB itself (tblite, imported only when this set is built).
-* ``dimers-gfn2``: dimers of polar molecules (H2O, HCN, CH3CN, LiF) in random
+* ``dimers-gfn2``: dimers of rigid polar molecules (H2O, HCN, CH3CN, LiF) in random
   orientations, from contact to 11 Å between their closest atoms (beyond a 5 Å
   cutoff the interaction is dipolar electrostatics), labelled with GFN2-xTB; plus
   rigid separation scans (``scan.xyz``) for the long-range SOAP-BPNN evidence.
@@ -87,9 +87,12 @@ MOLECULES = (
 
 # --- dimers / GFN2-xTB settings ----------------------------------------------------
 DIMER_MONOMERS = ("H2O", "HCN", "CH3CN", "LiF")  # dipoles 1.9-6 D in GFN2
-DIMERS_PER_PAIR = 40  # random orientations per (unordered) monomer pair
+DIMERS_PER_PAIR = 100  # random orientations per (unordered) monomer pair
 DIMER_GAP_RANGE = (2.5, 11.0)  # closest intermolecular distance, Å, uniform
-DIMER_RATTLE = 0.01  # Å: monomers near their GFN2 minimum
+# rigid monomers at their GFN2 minimum: a 0.01 Å rattle gave 0.7 eV/Å intramolecular
+# forces and tens of meV of strain energy per dimer, which buried the 1-20 meV
+# interaction energies the long-range evidence is about (see models/README.md)
+DIMER_RATTLE = 0.0  # Å
 SCAN_GAPS = np.arange(2.5, 15.01, 0.5)  # closest intermolecular distance, Å
 
 
@@ -419,12 +422,19 @@ def place_at_gap(a: Atoms, b: Atoms, direction: np.ndarray, gap: float) -> Atoms
 
 
 def dimers(monomers: dict[str, Atoms]) -> list[Atoms]:
-    """Randomly oriented, slightly rattled dimers of every monomer pair, with the
-    closest intermolecular distance uniform in DIMER_GAP_RANGE."""
+    """Randomly oriented dimers of every monomer pair (rigid monomers unless
+    DIMER_RATTLE), with the closest intermolecular distance uniform in
+    DIMER_GAP_RANGE. Each frame stores the summed GFN2 energy of its two monomers
+    (``monomer_energy``, eV; rigid monomers only) for interaction energies."""
     from scipy.spatial.transform import Rotation
 
     frames = []
     names = list(monomers)
+    alone = {}
+    for name, m in monomers.items():
+        m = m.copy()
+        m.calc = gfn2()
+        alone[name] = m.get_potential_energy()
     for first in range(len(names)):
         for second in range(first, len(names)):
             a_name, b_name = names[first], names[second]
@@ -433,13 +443,19 @@ def dimers(monomers: dict[str, Atoms]) -> list[Atoms]:
                 a, b = monomers[a_name].copy(), monomers[b_name].copy()
                 for m in (a, b):
                     m.positions = Rotation.random(random_state=rng).apply(m.positions)
-                    m.positions += rng.normal(0.0, DIMER_RATTLE, size=m.positions.shape)
+                    if DIMER_RATTLE:
+                        m.positions += rng.normal(
+                            0.0, DIMER_RATTLE, size=m.positions.shape
+                        )
                 direction = rng.normal(size=3)
                 gap = rng.uniform(*DIMER_GAP_RANGE)
                 dimer = place_at_gap(a, b, direction / np.linalg.norm(direction), gap)
+                extra = {} if DIMER_RATTLE else {
+                    "monomer_energy": alone[a_name] + alone[b_name]
+                }
                 frames.append(
                     labelled(dimer, gfn2(), f"{a_name}-{b_name}", stress=False,
-                             gap=round(gap, 4), monomer_atoms=len(a))
+                             gap=round(gap, 4), monomer_atoms=len(a), **extra)
                 )
     return frames
 

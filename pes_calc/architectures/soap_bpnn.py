@@ -12,12 +12,15 @@ Hyperparameters and defaults are metatrain's ``soap_bpnn``. For each atom i:
 With ``long_range.enable`` (metatrain's hyperparameters and defaults: ``use_ewald``
 false → particle-mesh Ewald, ``smearing`` 1.4 Å, ``kspace_resolution`` 1.33 Å,
 ``interpolation_nodes`` 5), each atom also gets a latent charge and its Coulomb
-energy, which enters the readout as one more last-layer feature:
+energy, which enters the readout as one more last-layer feature. pes_calc's own
+``charge_transfer_radius`` (default None: neutral per structure) turns the latent
+charges into bond charge transfers within that radius, neutral per molecule:
 
 | step | code | shape |
 |---|---|---|
 | latent charge q̃_i = f̃_i · w_q (e), per species through the blocks | `charges` | (N,) |
-| E^lr_i = ½ q_i Σ_j q_j v(r_ij), q: q̃ made neutral (eV) | `long_range` | (N,) |
+| q_i = q̃_i - mean_s q̃, or with transfers Σ_j s(r_ij)(q̃_j - q̃_i) | `long_range` | (N,) |
+| E^lr_i = ½ q_i Σ_j q_j v(r_ij) (eV) | `long_range` | (N,) |
 | e_i = [f̃_i, E^lr_i] · w, with w's last entry initialised to 1 | `last_layer` | (N,) |
 
 `pes_calc.nn.long_range` documents the kernel v (Coulomb, 14.399645 eV·Å/e², switched
@@ -25,7 +28,10 @@ off smoothly inside the SOAP cutoff, which the short-range part describes), the
 Ewald / PME / direct sums and the periodicities. Keeping E^lr a feature keeps
 e_i = f̃_i · w exact, so LLPR covers the electrostatic term too. The energy of a
 structure is then E_sr + w_lr σ Σ_i E^lr_i (σ the potential's energy scale): the
-product w_lr σ only rescales the latent charges.
+product w_lr σ only rescales the latent charges. w_q starts at N(0, 1/W) (W the
+features per species), so q̃ is of order 1 at the start: E^lr is quadratic in q, and
+from the default, ~5× smaller, start the gradients that would grow the charges are
+that much weaker and training kept them near 0 (models/README.md, issue 7).
 
 R_nl are torch-spex's splined Laplacian eigenstates (trimmed with l), Y_lm its
 (sphericart) real spherical harmonics, f_c the shifted-cosine cutoff. The power
@@ -45,7 +51,7 @@ from torch import Tensor, nn
 from pes_calc.build import float64_default
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import shifted_cosine_cutoff
-from pes_calc.nn.long_range import LongRangeElectrostatics, neutralise
+from pes_calc.nn.long_range import LongRangeElectrostatics
 from pes_calc.nn.mlp import MLP, PerSpecies, species_groups
 from pes_calc.nn.scatter import scatter_sum
 from pes_calc.potential import Architecture
@@ -61,6 +67,12 @@ DEFAULT_HYPERS: dict = {
         "smearing": 1.4,
         "kspace_resolution": 1.33,
         "interpolation_nodes": 5,
+        # pes_calc's own: None neutralises per structure (metatrain-like); a radius
+        # (Å) makes charges bond transfers, neutral per molecule (long_range.py)
+        "charge_transfer_radius": None,
+        # pes_calc's own: n of the switch 1 - ((1 - cos πr/r_c)/2)^n that removes
+        # pairs inside the SOAP cutoff r_c (torch-pme's exclusion_degree)
+        "exclusion_degree": 1,
     },
 }
 
@@ -130,12 +142,16 @@ class SoapBpnn(Architecture):
         long_range = hypers["long_range"]
         if long_range["enable"]:
             self.charges = nn.Linear(block_width, 1, bias=False)
+            with torch.no_grad():  # latent charges of order 1 (see the docstring)
+                self.charges.weight.normal_(0.0, self.features_per_species**-0.5)
             self.long_range = LongRangeElectrostatics(
                 smearing=float(long_range["smearing"]),
                 kspace_resolution=float(long_range["kspace_resolution"]),
                 interpolation_nodes=int(long_range["interpolation_nodes"]),
                 use_ewald=bool(long_range["use_ewald"]),
                 exclusion_radius=self.cutoff,
+                charge_transfer_radius=long_range["charge_transfer_radius"],
+                exclusion_degree=int(long_range["exclusion_degree"]),
             )
             self.last_layer = nn.Linear(block_width + 1, 1, bias=False)
             with torch.no_grad():  # start from the plain Coulomb energy of q
@@ -157,12 +173,14 @@ class SoapBpnn(Architecture):
         return self.last_layer(block_features).squeeze(-1), block_features
 
     def latent_charges(self, graph: AtomicGraph, vectors: Tensor) -> Tensor:
-        """(N,) neutralised latent charges (e) of a long-range model."""
-        charges = self.charges
-        if charges is None:
+        """(N,) neutral charges (e) of a long-range model, as its Coulomb sum uses
+        them (before the readout weight of the Coulomb feature)."""
+        charges, long_range = self.charges, self.long_range
+        if charges is None or long_range is None:
             raise ValueError("this SOAP-BPNN has no long-range part")
         block_features = self._block_features(graph, vectors)
-        return neutralise(charges(block_features).squeeze(-1), graph)
+        lengths = torch.linalg.vector_norm(vectors, dim=-1)
+        return long_range.charges(charges(block_features).squeeze(-1), graph, lengths)
 
     def _block_features(self, graph: AtomicGraph, vectors: Tensor) -> Tensor:
         """(N, T·W) network features f̃, placed in the block of each atom's species."""

@@ -1,13 +1,16 @@
 """Long-range electrostatics of per-atom latent charges, summed with torch-pme.
 
-An architecture predicts one latent charge q̃_i per atom; this module neutralises
-them per structure and returns per-atom electrostatic energies:
+An architecture predicts one latent value q̃_i per atom; this module turns it into
+neutral charges (per structure, or per molecule with charge transfer) and returns
+per-atom electrostatic energies:
 
 | quantity | code | formula |
 |---|---|---|
-| charges (e) | `neutralise` | q_i = q̃_i - (1/n_s) Σ_{j in s} q̃_j |
+| charges (e), per structure | `neutralise` | q_i = q̃_i - (1/n_s) Σ_{j in s} q̃_j |
+| charges (e), bond transfers | `transfer_charges` | q_i = Σ_j s(r_ij) (q̃_j - q̃_i) |
+| transfer switch | `transfer_charges` | s: shifted cosine, 1 below r_t - w, 0 at r_t |
 | pair kernel (eV/e²) | `pair_kernel` | v(r) = k erf(r/√2σ)/r · (1 - f_x(r)) |
-| exclusion switch | `f_cutoff` | f_x = (1 + cos πr/r_x)/2 for r < r_x, else 0 |
+| exclusion switch | `f_cutoff` | f_x = 1 - ((1 - cos πr/r_x)/2)^n for r < r_x, else 0 |
 | per-atom energy (eV) | `forward` | E_i = ½ q_i Σ_{j, images} q_j v(r_ij) |
 
 Units: Å, e, eV; k = torchpme.prefactors.eV_A = 14.399645 eV·Å/e².
@@ -26,8 +29,11 @@ Units: Å, e, eV; k = torchpme.prefactors.eV_A = 14.399645 eV·Å/e².
 
 **Exclusion radius.** With ``exclusion_radius`` r_x (the SOAP cutoff in SOAP-BPNN)
 pairs closer than r_x are switched off smoothly, since the short-range model
-describes them, and the real-space part is only the -f_x erf/r correction over the
-graph edges, which the switch takes to zero with its slope at r_x: edges beyond r_x
+describes them (torch-pme's switch; ``exclusion_degree`` n = 1 by default; a larger
+n keeps the switch closed further out: n = 4 leaves 0.2% of the Coulomb law at
+0.3 r_x, 6% at r_x/2 and 67% at 0.8 r_x, so bonded pairs inside a molecule hardly
+interact), and the real-space part is only the -f_x erf/r correction over the graph
+edges, which the switch takes to zero with its slope at r_x: edges beyond r_x
 (a Verlet skin) add nothing. Beyond r_x the kernel is the Coulomb law up to
 erfc(r/√2σ) (< 4e-4 at r ≥ 5 Å for σ = 1.4 Å). The direct sum uses the same kernel,
 so a molecule in a large box and in vacuum agree. Without an exclusion radius the
@@ -35,9 +41,23 @@ kernel is the bare Coulomb law and the real-space sum runs over the graph edges
 (erfc(r/√2σ)/r, so the graph cutoff must be several σ).
 
 **Neutrality.** Latent charges are not physical charges and the model is not told a
-total charge, so every structure is made neutral (the mean charge is subtracted).
-The Ewald sum of a charged cell would depend on the smearing through its background
-term, and periodic and vacuum energies of the same molecule could not agree.
+total charge, so every structure is made neutral. The Ewald sum of a charged cell
+would depend on the smearing through its background term, and periodic and vacuum
+energies of the same molecule could not agree. Two ways:
+
+- ``charge_transfer_radius`` ``None`` (metatrain-like default): the mean latent
+  charge of each structure is subtracted. Two molecules far apart can then carry
+  opposite net charges (the sum of q̃ over each one need not vanish), whose 1/r
+  monopole tail is spurious for neutral molecules.
+- ``charge_transfer_radius`` r_t (Å): q̃ acts as an electronegativity and charge
+  flows along every graph edge closer than r_t, q_i = Σ_j s(r_ij)(q̃_j - q̃_i)
+  (bond charge increments). Each edge moves charge from one atom to another, so
+  every set of atoms with no edge shorter than r_t to the rest (a molecule, a
+  structure) is exactly neutral, with no fragment search; s goes smoothly to zero
+  at r_t (width ``TRANSFER_WIDTH``, or r_t/2 if smaller), so charges and energies
+  stay continuous when molecules meet or part. r_t should exceed the bond lengths
+  and stay below intermolecular contacts (1.5-2.5 Å for organic molecules). A lone
+  atom gets no charge.
 
 Edges are the graph's full list (both i→j and j→i), which torch-pme takes with
 ``full_neighbor_list=True``. Forces and stress come from autograd through positions
@@ -52,9 +72,11 @@ from torchpme import CoulombPotential, EwaldCalculator, PMECalculator
 from torchpme.prefactors import eV_A
 
 from pes_calc.graph import AtomicGraph, atoms_per_structure, number_of_structures
+from pes_calc.nn.cutoffs import shifted_cosine_cutoff
 from pes_calc.nn.scatter import scatter_sum
 
 COULOMB_CONSTANT = float(eV_A)  # e²/(4πε₀) in eV·Å
+TRANSFER_WIDTH = 0.5  # Å, the width of the charge-transfer switch s
 
 
 def neutralise(charges: Tensor, graph: AtomicGraph) -> Tensor:
@@ -65,11 +87,28 @@ def neutralise(charges: Tensor, graph: AtomicGraph) -> Tensor:
     return charges - means[graph.structure_index]
 
 
+def transfer_charges(
+    latent: Tensor,
+    graph: AtomicGraph,
+    lengths: Tensor,
+    radius: float,
+    width: float = TRANSFER_WIDTH,
+) -> Tensor:
+    """(N,) charges q_i = Σ_j s(r_ij) (q̃_j - q̃_i) over the graph's (full) edges,
+    with s the shifted-cosine switch of ``radius`` (Å) and ``width`` (at most half
+    the radius): neutral per fragment."""
+    width = min(width, 0.5 * radius)
+    switch = shifted_cosine_cutoff(lengths, radius, width)
+    i, j = graph.edge_index[0], graph.edge_index[1]
+    return scatter_sum(switch * (latent[j] - latent[i]), i, latent.shape[0])
+
+
 class LongRangeElectrostatics(nn.Module):
     """Per-atom Coulomb energies (eV) of neutralised latent charges (e).
 
     Parameters are metatrain's ``long_range`` hyperparameters (Å) plus the
-    exclusion radius (Å, ``None`` for the bare Coulomb law).
+    exclusion radius (Å, ``None`` for the bare Coulomb law) and the charge-transfer
+    radius (Å, ``None`` to neutralise per structure; see the module docstring).
     """
 
     def __init__(
@@ -79,17 +118,29 @@ class LongRangeElectrostatics(nn.Module):
         interpolation_nodes: int = 5,
         use_ewald: bool = False,
         exclusion_radius: Optional[float] = None,
+        charge_transfer_radius: Optional[float] = None,
+        exclusion_degree: int = 1,
     ):
         super().__init__()
         if smearing <= 0 or kspace_resolution <= 0:
             raise ValueError(
                 "long_range smearing and kspace_resolution must be positive"
             )
+        if charge_transfer_radius is not None and charge_transfer_radius <= 0:
+            raise ValueError("long_range charge_transfer_radius must be positive")
+        self.transfers = charge_transfer_radius is not None
+        self.transfer_radius = (
+            float(charge_transfer_radius) if charge_transfer_radius is not None else 0.0
+        )
+        self.transfer_width = TRANSFER_WIDTH
         if exclusion_radius is not None:
             exclusion_radius = float(exclusion_radius)
+        if int(exclusion_degree) < 1:
+            raise ValueError("long_range exclusion_degree must be a positive integer")
         potential = CoulombPotential(
             smearing=float(smearing),
             exclusion_radius=exclusion_radius,
+            exclusion_degree=int(exclusion_degree),
             prefactor=COULOMB_CONSTANT,
         )
         self.use_ewald = bool(use_ewald)
@@ -117,9 +168,17 @@ class LongRangeElectrostatics(nn.Module):
         for module in self.kspace.modules():
             module._non_persistent_buffers_set.update(module._buffers.keys())
 
+    def charges(self, latent: Tensor, graph: AtomicGraph, lengths: Tensor) -> Tensor:
+        """(N,) neutral charges (e) from latent values (N,) and edge lengths (E,)."""
+        if self.transfers:
+            return transfer_charges(
+                latent, graph, lengths, self.transfer_radius, self.transfer_width
+            )
+        return neutralise(latent, graph)
+
     def forward(self, charges: Tensor, graph: AtomicGraph, lengths: Tensor) -> Tensor:
-        """(N,) energies E_i from raw charges (N,) and the edge lengths (E,)."""
-        charges = neutralise(charges, graph)
+        """(N,) energies E_i from latent charges (N,) and the edge lengths (E,)."""
+        charges = self.charges(charges, graph, lengths)
         counts: List[int] = atoms_per_structure(graph).tolist()
         periodic_structures: List[bool] = graph.pbc.any(dim=1).tolist()
         # every pair within each non-periodic structure, summed in one pass

@@ -104,6 +104,8 @@ def test_long_range_defaults_are_metatrains():
         "smearing": 1.4,
         "kspace_resolution": 1.33,
         "interpolation_nodes": 5,
+        "charge_transfer_radius": None,  # pes_calc's own: neutral per structure
+        "exclusion_degree": 1,  # pes_calc's own: torch-pme's default switch
     }
     assert small_model().architecture.long_range is None
 
@@ -364,6 +366,9 @@ def test_long_range_hyperparameters_build_the_sums(use_ewald):
     architecture = model.architecture
     kspace = architecture.long_range.kspace
     assert isinstance(kspace, EwaldCalculator if use_ewald else PMECalculator)
+    assert kspace.potential.exclusion_degree == 1
+    degree = long_range_model(use_ewald, exclusion_degree=4).architecture.long_range
+    assert degree.kspace.potential.exclusion_degree == 4
     assert float(kspace.potential.smearing) == 1.2
     assert float(kspace.potential.prefactor) == pytest.approx(K, rel=1e-12)
     assert kspace.potential.exclusion_radius == model.cutoff == 5.0
@@ -395,13 +400,25 @@ def test_long_range_energy_is_a_last_layer_feature(use_ewald):
     )
 
 
+TRANSFER = pytest.mark.parametrize(
+    "transfer", [None, 3.0], ids=["per-structure", "transfers"]
+)
+
+
 @LONG_RANGE
-def test_long_range_forces_and_stress_finite_differences(use_ewald):
+@TRANSFER
+def test_long_range_forces_and_stress_finite_differences(use_ewald, transfer):
     """Forces and stress (one backward pass through the charges, the k-space sum and
-    the strained cell) against central differences on a triclinic ionic cell."""
+    the strained cell) against central differences on a triclinic ionic cell; with
+    charge transfers (3 Å: Na-Cl neighbours at ~2.5 Å) the charges depend on the
+    positions through the switch too, and the exclusion switch is of degree 4."""
     from pes_calc.testing import numerical_forces
 
-    model = long_range_model(use_ewald)
+    model = long_range_model(
+        use_ewald,
+        charge_transfer_radius=transfer,
+        exclusion_degree=1 if transfer is None else 4,
+    )
     atoms = ionic_cell()
     subject = Subject(model)
     outputs = subject(subject.graph(atoms))
@@ -451,6 +468,61 @@ def test_long_range_charges_are_neutral_per_structure():
     assert charges.abs().max() > 1e-3
 
 
+def test_transferred_charges_are_neutral_per_molecule():
+    """With a 3 Å transfer radius, two Na-Cl molecules and a Na3Cl cluster 6 Å apart
+    in one structure (and a periodic cell in the batch) are each neutral; with the
+    default per-structure neutralisation the molecules carry net charges."""
+    model = long_range_model(charge_transfer_radius=3.0)
+    plain = long_range_model()
+    pieces = [
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 2.5]],
+        [[6.0, 0.0, 0.0], [6.0, 0.0, 2.4], [8.0, 0.0, 0.0], [8.0, 2.0, 0.0]],
+    ]
+    atoms = ase.Atoms("NaClNaClNaNa", positions=[p for piece in pieces for p in piece])
+    graph = batch_graphs([graph_of(model, atoms), graph_of(model, ionic_cell())])
+    vectors = edge_vectors(graph)
+    q = model.architecture.latent_charges(graph, vectors)
+    assert float(q[:2].sum()) == pytest.approx(0.0, abs=1e-12)
+    assert float(q[2:6].sum()) == pytest.approx(0.0, abs=1e-12)
+    assert float(q[6:].sum()) == pytest.approx(0.0, abs=1e-12)
+    assert float(q.abs().max()) > 1e-2
+    per_structure = plain.architecture.latent_charges(graph, vectors)
+    assert abs(float(per_structure[:2].sum())) > 1e-3
+
+
+def test_transferred_charges_give_a_dipolar_tail():
+    """NaCl and Na2Cl2 (different molecules, so per-structure neutralisation would
+    leave them opposite net charges and a 1/r tail): with transfers the interaction
+    beyond the cutoff falls as r⁻³, and it is the Coulomb energy of the charges."""
+    model = long_range_model(charge_transfer_radius=3.0)
+    first = np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 2.5]])
+    second = np.array(
+        [[0.0, 0.0, 0.0], [0.0, 0.0, 2.5], [0.0, 2.6, 0.3], [0.0, 2.6, 2.7]]
+    )
+
+    def energy(atoms):
+        return float(model(graph_of(model, atoms), False, False)[keys.ENERGY])
+
+    a, b = ase.Atoms("NaCl", positions=first), ase.Atoms("NaClNaCl", positions=second)
+    charges = []
+    for m in (a, b):
+        graph = graph_of(model, m)
+        q = model.architecture.latent_charges(graph, edge_vectors(graph))
+        charges.append(q.detach().numpy())
+        assert float(q.sum()) == pytest.approx(0.0, abs=1e-12)
+    interactions = []
+    for r in (12.0, 40.0, 80.0):
+        positions = np.concatenate([first, second + [r, 0.0, 0.0]])
+        pair = ase.Atoms("NaClNaClNaCl", positions=positions)
+        interaction = energy(pair) - energy(a) - energy(b)
+        distances = np.linalg.norm(positions[:2, None] - positions[None, 2:], axis=-1)
+        coulomb = K * charges[0][:, None] * charges[1][None, :] / distances
+        assert interaction == pytest.approx(np.sum(coulomb), rel=1e-6)
+        interactions.append(interaction)
+    assert abs(interactions[0]) > 1e-5
+    assert interactions[1] / interactions[2] == pytest.approx(8.0, rel=0.05)
+
+
 def test_long_range_energy_decays_as_coulomb_beyond_the_cutoff():
     """Two Na-Cl molecules r > 5 Å apart: their environments and charges do not change
     with r, so the energy above two lone molecules is the Coulomb energy of the
@@ -484,10 +556,13 @@ def erf_(x):
 
 
 @LONG_RANGE
-def test_long_range_safetensors_and_torchscript_round_trips(use_ewald, tmp_path):
+@TRANSFER
+def test_long_range_safetensors_and_torchscript_round_trips(
+    use_ewald, transfer, tmp_path
+):
     from pes_calc.compile import compile_model, load_artefact
 
-    model = long_range_model(use_ewald)
+    model = long_range_model(use_ewald, charge_transfer_radius=transfer)
     graph = batch_graphs(
         [graph_of(model, ionic_cell()), graph_of(model, cluster("NaClNaNaClCl"))]
     )

@@ -12,7 +12,12 @@ from scipy.special import erf
 
 from pes_calc.graph import batch_graphs, edge_vectors
 from pes_calc.neighbors import atoms_to_graph
-from pes_calc.nn.long_range import COULOMB_CONSTANT, LongRangeElectrostatics, neutralise
+from pes_calc.nn.long_range import (
+    COULOMB_CONSTANT,
+    LongRangeElectrostatics,
+    neutralise,
+    transfer_charges,
+)
 
 K = 14.399645478425668  # e²/(4πε₀), eV·Å
 NACL_MADELUNG = 1.747564594633182
@@ -71,6 +76,19 @@ def test_kernel_is_coulomb_beyond_the_exclusion_radius():
     edge.requires_grad_(True)
     (slopes,) = torch.autograd.grad(lr.pair_kernel(edge).sum(), edge)
     assert float(abs(slopes[0] - slopes[1])) < 1e-5
+
+
+def test_exclusion_degree_keeps_the_switch_closed_longer():
+    """v(r) = k erf(r/√2σ)/r ((1 - cos πr/r_x)/2)^n inside r_x, Coulomb beyond."""
+    r = np.array([1.0, 2.5, 4.0, 4.9, 6.0])
+    coulomb = K * erf(r / (1.4 * math.sqrt(2))) / r
+    inside = np.where(r < 5.0, (1 - np.cos(np.pi * r / 5.0)) / 2, 1.0)
+    for n in (1, 4, 8):
+        lr = module(exclusion_radius=5.0, exclusion_degree=n)
+        kernel = lr.pair_kernel(torch.as_tensor(r)).numpy()
+        np.testing.assert_allclose(kernel, coulomb * inside**n, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="exclusion_degree"):
+        module(exclusion_degree=0)
 
 
 def test_direct_sum_of_two_charges_by_hand():
@@ -139,6 +157,73 @@ def test_a_net_charge_is_removed(use_ewald):
         torch.testing.assert_close(shifted, reference, rtol=1e-10, atol=1e-12)
 
 
+def transfers(atoms, latent, radius=2.0, cutoff=5.0):
+    graph = atoms_to_graph(atoms, ["H", "O", "Na", "Cl"], cutoff)
+    lengths = torch.linalg.vector_norm(edge_vectors(graph), dim=-1)
+    latent = torch.as_tensor(latent, dtype=torch.float64)
+    return transfer_charges(latent, graph, lengths, radius), graph
+
+
+def water_pair(distance: float) -> ase.Atoms:
+    water = ase.build.molecule("H2O")
+    other = water.copy()
+    other.positions += [0.0, 0.0, distance]
+    return water + other
+
+
+def test_charge_transfers_are_neutral_per_molecule():
+    """Two waters 4 Å apart in one structure (and in a periodic box): with a 2 Å
+    transfer radius each molecule is neutral on its own, whatever the latent values;
+    a lone atom gets no charge."""
+    latent = np.random.default_rng(0).normal(size=7)
+    for atoms in (water_pair(4.0) + ase.Atoms("Na", positions=[[6.0, 0, 0]]),):
+        for cell in (None, np.eye(3) * 9.0):
+            if cell is not None:
+                atoms = atoms.copy()
+                atoms.cell, atoms.pbc = cell, True
+            q, _ = transfers(atoms, latent)
+            assert float(q[:3].sum()) == pytest.approx(0.0, abs=1e-14)
+            assert float(q[3:6].sum()) == pytest.approx(0.0, abs=1e-14)
+            assert float(q[6]) == 0.0
+            assert float(q.abs().max()) > 0.1
+    # a constant shift of the latent values (an electronegativity offset) is no charge
+    shifted, _ = transfers(water_pair(4.0), latent[:6] + 3.0)
+    torch.testing.assert_close(shifted, transfers(water_pair(4.0), latent[:6])[0])
+
+
+def test_charge_transfers_follow_the_switch_by_hand():
+    """Two atoms: q_0 = s(r)(χ_1 - χ_0) with the shifted cosine (1 below 1.5 Å, 0 at
+    2 Å), so the charge fades continuously as the bond breaks."""
+    for r, s in ((1.2, 1.0), (1.75, 0.5), (1.99, 0.5 * (1 + math.cos(math.pi * 0.98)))):
+        atoms = ase.Atoms("HO", positions=[[0, 0, 0], [0, 0, r]])
+        q, _ = transfers(atoms, [0.3, -0.9])
+        assert q.tolist() == pytest.approx([-1.2 * s, 1.2 * s], abs=1e-12)
+    q, _ = transfers(ase.Atoms("HO", positions=[[0, 0, 0], [0, 0, 2.01]]), [0.3, -0.9])
+    assert q.tolist() == [0.0, 0.0]
+
+
+@METHODS
+def test_transfer_charges_in_the_module(use_ewald):
+    """The module with a transfer radius sums the transferred charges; per-structure
+    neutralisation would instead let two distant molecules carry net charges."""
+    atoms = water_pair(7.0)
+    latent = np.random.default_rng(1).normal(size=6)
+    q, graph = transfers(atoms, latent)
+    lengths = torch.linalg.vector_norm(edge_vectors(graph), dim=-1)
+    latent_t = torch.as_tensor(latent)
+    plain = module(use_ewald=use_ewald, exclusion_radius=5.0)
+    with_transfers = module(
+        use_ewald=use_ewald, exclusion_radius=5.0, charge_transfer_radius=2.0
+    )
+    torch.testing.assert_close(
+        with_transfers(latent_t, graph, lengths), plain(q, graph, lengths)
+    )
+    torch.testing.assert_close(with_transfers.charges(latent_t, graph, lengths), q)
+    assert abs(float(neutralise(latent_t, graph)[:3].sum())) > 0.1
+    with pytest.raises(ValueError, match="charge_transfer_radius"):
+        module(charge_transfer_radius=0.0)
+
+
 def slab(vacuum: float) -> ase.Atoms:
     """A 2×2 NaCl(100) bilayer with a z dipole (rattled), pbc T T F."""
     atoms = ase.build.bulk("NaCl", "rocksalt", a=5.64, cubic=True)
@@ -197,6 +282,17 @@ def test_torchscript_equals_eager_on_a_mixed_batch(use_ewald):
     eager = lr(all_charges, graph, lengths)
     scripted = torch.jit.script(lr)(all_charges, graph, lengths)
     torch.testing.assert_close(scripted, eager, rtol=1e-12, atol=1e-14)
+    transferring = module(
+        use_ewald=use_ewald, exclusion_radius=5.0, charge_transfer_radius=2.5
+    )
+    transferred = transferring(all_charges, graph, lengths)
+    assert float((transferred - eager).abs().max()) > 1e-3
+    torch.testing.assert_close(
+        torch.jit.script(transferring)(all_charges, graph, lengths),
+        transferred,
+        rtol=1e-12,
+        atol=1e-14,
+    )
     # batch = one by one
     split = torch.split(all_charges, [6, 6, len(structures[2])])
     pieces = zip(structures, split, strict=True)
