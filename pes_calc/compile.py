@@ -39,7 +39,13 @@ from torch import Tensor
 
 from pes_calc import keys
 from pes_calc.graph import AtomicGraph
-from pes_calc.io import FORMAT_TAG, FORMAT_VERSION, ModelFileError, model_metadata
+from pes_calc.io import (
+    FORMAT_TAG,
+    FORMAT_VERSION,
+    ModelFileError,
+    model_metadata,
+    model_state,
+)
 from pes_calc.potential import Potential
 
 METADATA_FILE = "pes_calc_metadata.json"
@@ -259,7 +265,7 @@ def _cache_key(model: torch.nn.Module, metadata: dict[str, Any]) -> str:
     torch version, device and dtype (the .safetensors bytes are not stable: the
     order of their header's keys varies)."""
     digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(model_state(model).items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())

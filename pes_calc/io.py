@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +53,28 @@ def model_metadata(model: Potential | LLPR) -> dict[str, Any]:
     }
 
 
+# e3nn's code-generated tensor-product modules gain these buffers when deep-copied;
+# they are constants that construction rebuilds, not weights
+_COPIED_CONSTANT = re.compile(r"\._compiled_main\w*\._tensor_constant\d+$")
+
+
+def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a model file stores: the state dict without e3nn's copied
+    constants."""
+    return {
+        name: tensor
+        for name, tensor in model.state_dict().items()
+        if not _COPIED_CONSTANT.search(name)
+    }
+
+
 def save_model(model: Potential | LLPR, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` (a ``.safetensors`` file)."""
     from safetensors.torch import save_file
 
     tensors = {
         name: tensor.detach().contiguous().cpu()
-        for name, tensor in model.state_dict().items()
+        for name, tensor in model_state(model).items()
     }
     metadata = {
         "format": FORMAT_TAG,

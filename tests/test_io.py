@@ -318,3 +318,22 @@ def test_metadata_that_describes_no_model(tmp_path, saved, change):
     path = _rewrite(saved, tmp_path / "bad.safetensors", metadata_changes=[change])
     with pytest.raises(ModelFileError, match="does not describe a model"):
         load_model(path)
+
+
+def test_a_deep_copied_nequip_round_trips(tmp_path):
+    """Deep copies of e3nn's generated tensor products gain constant buffers; the
+    file stores weights only, so the copy loads as a fresh build would."""
+    import copy
+
+    model = build_model("nequip", ["Cu"], r_max=4.0, l_max=2, num_layers=4,
+                        num_features=8, model_dtype="float64")
+    copied = copy.deepcopy(model)
+    assert any("_tensor_constant" in name for name in copied.state_dict())
+    save_model(copied, tmp_path / "copy.safetensors")
+    loaded = load_model(tmp_path / "copy.safetensors")
+    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+    atoms.rattle(0.05, seed=0)
+    graph = atoms_to_graph(atoms, ["Cu"], 4.0)
+    expected, got = model(graph), loaded(graph)
+    for name in ("energy", "forces", "stress"):
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
