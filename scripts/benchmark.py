@@ -956,10 +956,14 @@ def main() -> None:
         folder = Path(tempfile.mkdtemp(prefix="pes-bench-"))
         try:
             peers = [p for p in args.peer_list if args.peers or args.peers_only]
-            for architecture in args.architectures:
+            for architecture in [
+                *args.architectures,
+                *(["mace"] if "mace" in peers else []),
+            ]:
                 records += run_architecture(args, architecture, folder, peers)
-            if "mace" in peers:
-                records += run_architecture(args, "mace", folder, peers)
+                if args.json:  # a long run that is cut short keeps what it measured
+                    args.json.parent.mkdir(parents=True, exist_ok=True)
+                    args.json.write_text(json.dumps({"meta": meta, "records": records}))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         meta["loadavg_end"] = os.getloadavg()
