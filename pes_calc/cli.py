@@ -6,11 +6,15 @@ import json
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 import torch
 
 from pes_calc.compile import MODIFIERS
+
+if TYPE_CHECKING:
+    import ase
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -52,8 +56,7 @@ def compile_command(
     from pes_calc.compile import compile_model
     from pes_calc.io import ModelFileError, load_model
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda was asked for but no CUDA GPU is visible")
+    _check_device(device)
     try:
         eager = load_model(model)
         compile_model(
@@ -190,8 +193,6 @@ def md_command(
     With an LLPR model, any --*uncertain* option watches the uncertainty of the
     current structure (pes_calc.md.UncertaintyWatch) and reports the largest seen.
     """
-    import ase.io
-
     from pes_calc.calculator import PESCalculator
     from pes_calc.io import ModelFileError
     from pes_calc.md import UncertaintyWatch, run_md
@@ -211,19 +212,8 @@ def md_command(
     if on_uncertain == "record" and uncertain_structures is None:
         directory = trajectory.parent if trajectory is not None else Path()
         uncertain_structures = directory / "uncertain.xyz"
-    if (device or "").startswith("cuda") and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda was asked for but no CUDA GPU is visible")
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        atoms = ase.io.read(structure, index=index)
-    except Exception as error:  # ASE raises many kinds for unreadable files
-        raise click.ClickException(
-            f"could not read frame {index} of {structure} as a structure "
-            f"({type(error).__name__}: {error})"
-        ) from error
-    if not isinstance(atoms, ase.Atoms):
-        raise click.ClickException(f"--index {index} selects more than one frame")
+    _set_up_torch(device, threads)
+    atoms = _read_structure(structure, index)
     watch = None
     try:
         calculator = PESCalculator(
@@ -461,8 +451,6 @@ def ipi_command(
     """
     import sys
 
-    import ase.io
-
     from pes_calc.io import ModelFileError
     from pes_calc.ipi import IPIError, parse_address, serve
 
@@ -473,10 +461,34 @@ def ipi_command(
             parse_address(address)
         except ValueError as error:
             raise click.BadParameter(str(error), param_hint="--address") from None
-    if (device or "").startswith("cuda") and not torch.cuda.is_available():
-        raise click.UsageError("--device cuda was asked for but no CUDA GPU is visible")
+    _set_up_torch(device, threads)
+    atoms = _read_structure(structure, index)
+    try:
+        serve(
+            model, atoms, address=address, unix=unix, device=device,
+            dtype=DTYPES[dtype] if dtype else None, skin=skin, wait=wait,
+            log=None if quiet else sys.stderr, log_interval=log_interval,
+        )
+    except (IPIError, ModelFileError, ValueError, NotImplementedError) as error:
+        raise click.ClickException(str(error)) from error
+
+
+def _set_up_torch(device: str | None, threads: int | None) -> None:
+    """Refuse --device cuda without a GPU; apply --threads."""
+    _check_device(device)
     if threads is not None:
         torch.set_num_threads(threads)
+
+
+def _check_device(device: str | None) -> None:
+    if (device or "").startswith("cuda") and not torch.cuda.is_available():
+        raise click.UsageError("--device cuda was asked for but no CUDA GPU is visible")
+
+
+def _read_structure(structure: Path, index: str) -> ase.Atoms:
+    """One frame of a structure file, or a click error saying why not."""
+    import ase.io
+
     try:
         atoms = ase.io.read(structure, index=index)
     except Exception as error:  # ASE raises many kinds for unreadable files
@@ -486,14 +498,7 @@ def ipi_command(
         ) from error
     if not isinstance(atoms, ase.Atoms):
         raise click.ClickException(f"--index {index} selects more than one frame")
-    try:
-        serve(
-            model, atoms, address=address, unix=unix, device=device,
-            dtype=DTYPES[dtype] if dtype else None, skin=skin, wait=wait,
-            log=None if quiet else sys.stderr, log_interval=log_interval,
-        )
-    except (IPIError, ModelFileError, ValueError, NotImplementedError) as error:
-        raise click.ClickException(str(error)) from error
+    return atoms
 
 
 if __name__ == "__main__":  # torchrun -m pes_calc.cli train ...

@@ -206,20 +206,18 @@ def _compile_aotinductor(
     """Trace, export and AOT-compile ``model`` into the package ``path``."""
     from pes_calc.io import save_model
 
-    dtype = next(t for t in model.state_dict().values() if t.is_floating_point()).dtype
-    device = metadata["device"]
+    dtype, device = getattr(torch, metadata["dtype"]), metadata["device"]
     if hasattr(model, "ensemble_forces"):
         # ensemble forces take extra backward passes: the loaded artefact asks eager
         model.ensemble_forces = False
     graph = example_graph(model, dtype, device)
     names = [name for name in COMPILED_OUTPUTS if name in model(graph, True, True)]
     metadata["compiled_outputs"] = names
+    cached = _cache_dir() / f"{_cache_key(model, metadata)}.pt2"
     with tempfile.TemporaryDirectory() as scratch:
-        weights = Path(scratch) / WEIGHTS_FILE
-        save_model(model, weights)
-        key = _cache_key(model, metadata)
-        cached = _cache_dir() / f"{key}.pt2"
         if not cached.exists():
+            weights = Path(scratch) / WEIGHTS_FILE
+            save_model(model, weights)
             package = Path(scratch) / "model.pt2"
             _export_and_compile(_FlatInputs(model, names), graph, package)
             with zipfile.ZipFile(package, "a") as archive:
@@ -277,15 +275,21 @@ class AOTInductorPotential(torch.nn.Module):
 
     Calls the compiled graph for energy, forces and stress (and LLPR energy
     uncertainties); what it was not compiled for (LLPR ensemble forces, graphs
-    without edges) goes to the eager model it carries.
+    without edges, another dtype or device after ``.to()``) goes to the eager model
+    it carries.
     """
 
-    def __init__(self, compiled: Any, eager: torch.nn.Module, output_names: list[str]):
+    def __init__(
+        self, compiled: Any, eager: torch.nn.Module, output_names: list[str],
+        dtype: torch.dtype, device: str | torch.device,
+    ):
         super().__init__()
         self.compiled = compiled
         self.eager = eager
         self.output_names = output_names
         self.ensemble_forces = False
+        self.compiled_for = (dtype, torch.device(device).type)
+        self._warned = False
 
     def forward(
         self,
@@ -293,7 +297,19 @@ class AOTInductorPotential(torch.nn.Module):
         compute_forces: bool = True,
         compute_stress: bool = True,
     ) -> dict[str, Tensor]:
-        if self.ensemble_forces or graph.edge_index.shape[1] == 0:
+        inputs = (graph.positions.dtype, graph.positions.device.type)
+        if inputs != self.compiled_for and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"this AOTInductor package was compiled for {self.compiled_for}, "
+                f"not {inputs}: running its eager model instead",
+                stacklevel=2,
+            )
+        if (
+            self.ensemble_forces
+            or graph.edge_index.shape[1] == 0
+            or inputs != self.compiled_for
+        ):
             if hasattr(self.eager, "ensemble_forces"):
                 self.eager.ensemble_forces = self.ensemble_forces
             return self.eager(graph, compute_forces, compute_stress)
@@ -322,7 +338,7 @@ def _load_aotinductor(
         eager = load_model(weights)
     dtype = getattr(torch, metadata["dtype"])
     eager = eager.to(device=device, dtype=dtype).eval()
-    if torch.device(device) != torch.device(metadata["device"]):
+    if torch.device(device).type != torch.device(metadata["device"]).type:
         warnings.warn(
             f"{path} was compiled for {metadata['device']}, not {device}: running "
             "its eager model instead (recompile with pes-calc compile --device)",
@@ -331,7 +347,9 @@ def _load_aotinductor(
         return eager
     try:
         compiled = torch._inductor.aoti_load_package(str(path))
-        loaded = AOTInductorPotential(compiled, eager, metadata["compiled_outputs"])
+        loaded = AOTInductorPotential(
+            compiled, eager, metadata["compiled_outputs"], dtype, device
+        )
         _check_against_eager(loaded, eager, dtype, device)
     except Exception as error:  # any failure of compiled code: eager still works
         warnings.warn(

@@ -117,6 +117,26 @@ def numerical_forces(
     return forces
 
 
+def numerical_stress(
+    energy: Callable[[ase.Atoms], float], atoms: ase.Atoms, h: float = 1e-5
+) -> np.ndarray:
+    """(3, 3) stress (1/V) dE/dε, eV/Å³, by central differences of ``energy`` under
+    symmetric strains of size h (dimensionless) of the cell and positions."""
+    stress = np.zeros((3, 3))
+    for a in range(3):
+        for b in range(3):
+            energies = []
+            for step in (h, -h):
+                strain = np.eye(3)
+                strain[a, b] += 0.5 * step
+                strain[b, a] += 0.5 * step
+                strained = atoms.copy()
+                strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+                energies.append(energy(strained))
+            stress[a, b] = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
+    return stress
+
+
 def check_forces_finite_differences(subject: Subject) -> None:
     """Forces equal -dE/dR by central differences (h = 1e-5 Å), all periodicities."""
     for atoms in (subject.bulk(), subject.slab(), subject.cluster()):
@@ -130,19 +150,7 @@ def check_stress_finite_strain(subject: Subject) -> None:
     """Stress equals (1/V) dE/dε by central differences of a triclinic cell."""
     atoms = subject.bulk()
     stress = subject(subject.graph(atoms))[keys.STRESS][0]
-    h = 1e-5
-    numerical = np.zeros((3, 3))
-    for a in range(3):
-        for b in range(3):
-            energies = []
-            for step in (h, -h):
-                strain = np.eye(3)
-                strain[a, b] += 0.5 * step
-                strain[b, a] += 0.5 * step
-                strained = atoms.copy()
-                strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
-                energies.append(subject.energy(strained))
-            numerical[a, b] = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
+    numerical = numerical_stress(subject.energy, atoms, h=1e-5)
     _close("stress vs finite strain", stress, numerical, 1e-6)
 
 

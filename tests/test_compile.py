@@ -138,6 +138,18 @@ def test_calculator_md_and_ensemble_forces(package, llpr):
     np.testing.assert_allclose(energies["compiled σF"], energies["eager σF"], rtol=1e-8)
 
 
+def test_another_dtype_runs_the_eager_model(package, llpr):
+    """A float64 package asked for float32: the calculator's converted copy runs
+    its eager model (the compiled code takes float64 only), with a warning."""
+    atoms = structures()[0]
+    atoms.calc = PESCalculator(package, device="cpu", dtype=torch.float32)
+    with pytest.warns(UserWarning, match="compiled for"):
+        forces = atoms.get_forces()
+    expected = atoms.copy()
+    expected.calc = PESCalculator(llpr, device="cpu", dtype=torch.float32)
+    np.testing.assert_allclose(forces, expected.get_forces(), rtol=1e-6, atol=1e-6)
+
+
 def test_a_second_compile_comes_from_the_cache(package, llpr, tmp_path, monkeypatch):
     def fail(*args):
         raise AssertionError("compiled again instead of using the cache")

@@ -16,7 +16,13 @@ from pes_calc import build_model, keys, load_model, save_model
 from pes_calc.architectures.soap_bpnn import DEFAULT_HYPERS
 from pes_calc.graph import batch_graphs, edge_vectors
 from pes_calc.neighbors import atoms_to_graph
-from pes_calc.testing import CHECKS, Subject, random_rotation
+from pes_calc.testing import (
+    CHECKS,
+    Subject,
+    numerical_forces,
+    numerical_stress,
+    random_rotation,
+)
 
 SMALL_SOAP = {"max_angular": 3, "max_radial": 3}
 
@@ -412,8 +418,6 @@ def test_long_range_forces_and_stress_finite_differences(use_ewald, transfer):
     the strained cell) against central differences on a triclinic ionic cell; with
     charge transfers (3 Å: Na-Cl neighbours at ~2.5 Å) the charges depend on the
     positions through the switch too, and the exclusion switch is of degree 4."""
-    from pes_calc.testing import numerical_forces
-
     model = long_range_model(
         use_ewald,
         charge_transfer_radius=transfer,
@@ -427,18 +431,7 @@ def test_long_range_forces_and_stress_finite_differences(use_ewald, transfer):
     without = Subject(coulomb_off(model))(subject.graph(atoms))
     assert np.abs(outputs[keys.FORCES] - without[keys.FORCES]).max() > 1e-3
     assert np.abs(outputs[keys.STRESS] - without[keys.STRESS]).max() > 1e-5
-    h, stress = 1e-5, np.zeros((3, 3))
-    for a in range(3):
-        for b in range(3):
-            energies = []
-            for step in (h, -h):
-                strain = np.eye(3)
-                strain[a, b] += 0.5 * step
-                strain[b, a] += 0.5 * step
-                strained = atoms.copy()
-                strained.set_cell(atoms.cell.array @ strain, scale_atoms=True)
-                energies.append(subject.energy(strained))
-            stress[a, b] = (energies[0] - energies[1]) / (2 * h) / atoms.get_volume()
+    stress = numerical_stress(subject.energy, atoms, h=1e-5)
     np.testing.assert_allclose(outputs[keys.STRESS][0], stress, atol=1e-7)
 
 
