@@ -5,8 +5,8 @@ Hyperparameter names and defaults are nequip's (``NequIPGNNModel``). Per layer k
 | step | code | formula |
 |---|---|---|
 | radial weights | `Interaction.radial` | w_ij = MLP(b(r_ij / r_c) u(r_ij / r_c)) |
-| messages | `Interaction.tensor_product` | m_ij = (W₁ h_j) ⊗_{w_ij} Y(r̂_ij), paths 'uvu' |
-| aggregation | `scatter_sum` | a_i = Σ_j m_ij / √(avg_num_neighbors[t_i]) |
+| messages | `Interaction.convolution` | m_ij = (W₁ h_j) ⊗_{w_ij} Y(r̂_ij), paths 'uvu' |
+| aggregation | `Interaction.convolution` | a_i = Σ_j m_ij / √(avg_num_neighbors[t_i]) |
 | update | `Interaction.forward` | h_i ← Gate(W₂ a_i + SC(h_i, onehot(t_i))) |
 
 h⁰ is a linear embedding of the one-hot species; the last layer keeps only scalars,
@@ -34,7 +34,8 @@ from pes_calc.graph import AtomicGraph
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP, normalized_init_, readout
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
-from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
+from pes_calc.nn.scatter import neighbour_normalization
+from pes_calc.nn.tensor_product import EdgeTensorProduct
 from pes_calc.potential import Architecture
 
 # our BesselBasis (√2 sin(nπx)/x) in units of nequip's (n sinc(nx) = sin(nπx)/(πx))
@@ -120,6 +121,9 @@ class Interaction(nn.Module):
             shared_weights=False,
             internal_weights=False,
         )
+        # the e3nn module declares the paths and their normalisation (and keeps the
+        # model file's keys); the gather-product-scatter arithmetic runs here
+        self.convolution = EdgeTensorProduct(self.tensor_product)
         self.radial = MLP(
             num_bessels,
             [radial_mlp_width] * radial_mlp_depth,
@@ -152,10 +156,8 @@ class Interaction(nn.Module):
         neighbour_normalization: Tensor,
     ) -> Tensor:
         """(N, irreps_in) node features → (N, irreps_out)."""
-        i, j = edge_index[0], edge_index[1]
         weights = self.radial(radial_basis)
-        messages = self.tensor_product(self.linear_in(features)[j], harmonics, weights)
-        aggregated = scatter_sum(messages, i, features.shape[0])
+        aggregated = self.convolution(self.linear_in(features), harmonics, weights, edge_index)
         updated = self.linear_out(aggregated * neighbour_normalization.unsqueeze(-1))
         self_connection = self.self_connection
         if self_connection is not None:
