@@ -112,6 +112,16 @@ class SoapBpnn(Architecture):
         self.density_sizes: List[int] = [
             (2 * l + 1) * n for l, n in enumerate(self.n_per_l)
         ]
+        # the (harmonic lm, radial ln) factors of each density column (l, m, n)
+        product_harmonic, product_radial = [], []
+        for l, n in enumerate(self.n_per_l):
+            for m in range(2 * l + 1):
+                product_harmonic += [l * l + m] * n
+                product_radial += [sum(self.n_per_l[:l]) + k for k in range(n)]
+        self.register_buffer(
+            "product_harmonic", torch.tensor(product_harmonic), persistent=False
+        )
+        self.register_buffer("product_radial", torch.tensor(product_radial), persistent=False)
         # flat upper-triangle indices into each (k_l × k_l) product, k_l = T n_l
         triangles = []
         for n in self.n_per_l:
@@ -197,15 +207,12 @@ class SoapBpnn(Architecture):
         i, j = graph.edge_index[0], graph.edge_index[1]
         lengths = torch.linalg.vector_norm(vectors, dim=-1)  # (E,)
         cutoff = shifted_cosine_cutoff(lengths, self.cutoff, self.cutoff_width)
-        radial = self.radial(lengths)  # list over l of (E, n_l)
-        harmonics = self.angular(vectors)  # list over l of (E, 2l+1)
-        # all (l, m, n) products in one tensor so that one scatter serves every l
-        products = torch.cat(
-            [
-                (y.unsqueeze(-1) * (r * cutoff.unsqueeze(-1)).unsqueeze(1)).flatten(1)
-                for y, r in zip(harmonics, radial)
-            ],
-            dim=1,
+        radial = torch.cat(self.radial(lengths), dim=1) * cutoff.unsqueeze(-1)  # (E, Σ n_l)
+        harmonics = torch.cat(self.angular(vectors), dim=1)  # (E, (l_max+1)²)
+        # all (l, m, n) products y_lm r_ln in one flat, contiguous tensor: one scatter
+        # serves every l, and the backward pass avoids slow tiny-dimension broadcasts
+        products = harmonics.index_select(1, self.product_harmonic) * radial.index_select(
+            1, self.product_radial
         )  # (E, Σ (2l+1) n_l)
         num_atoms = number_of_atoms(graph)
         slot = i * self.num_species + graph.species[j]  # (centre, neighbour species)
