@@ -9,7 +9,7 @@ channels of each irrep); all sums run over the neighbours k of the centre i only
 | two-body scalar embedding | `radial_chemical_embed` + `scalar_embed_mlp` | x⁰_ij = MLP(R(r_ij/r_c; t_i, t_j)) |
 | tensor embedding | `weighted_harmonics` | V⁰_ij = w(x⁰_ij) · Y(r̂_ij), per channel and irrep |
 | environment | `scatter_sum` | Γ_i = Σ_k w_ik(x_ik) · Y(r̂_ik) / √avg_num_neighbors |
-| tensor track | `tensor_products[k]` | V_ij ← V_ij ⊗ Γ_i, channel-wise ('uuu') |
+| tensor track | `tensor_products[k]` | V_ij ← V_ij ⊗ Γ_i, channel-wise ('uuu'), as V_ij · M_i (M_i = W · Γ_i per atom) |
 | scalar track | `latent_mlps[k]` | x^{k+1}_ij = MLP([x⁰..x^k, scalars of V_ij]) |
 | edge energy | `readout_hidden` → `last_layer` | ε_ij = w · h_ij, h_ij = MLP([x⁰..x^L]) |
 | atom energy | `Allegro.forward` | e_i = Σ_j ε_ij / √avg_num_neighbors |
@@ -138,19 +138,30 @@ class SplineEmbedding(nn.Module):
         return (basis.unsqueeze(-1) * coefficients).sum(1) * envelope.unsqueeze(-1)
 
 
-def weighted_harmonics(weights: Tensor, harmonics: Tensor, ls: List[int]) -> Tensor:
-    """Channels of weighted spherical harmonics in e3nn's layout.
+def weighted_harmonics(weights: Tensor, harmonics: Tensor, irrep_of_component: Tensor) -> Tensor:
+    """Channels of weighted spherical harmonics, channel-major: (E, C, Σ 2l+1).
 
     ``weights`` (E, C, n_irreps) scales each irrep block of ``harmonics`` (E, Σ 2l+1)
-    per channel; the result has irreps ``C × ir₀ + C × ir₁ + ...`` (E, C Σ 2l+1).
+    per channel; ``irrep_of_component`` (Σ 2l+1,) names the irrep of each component.
     """
-    blocks: List[Tensor] = []
-    start = 0
-    for index, l in enumerate(ls):
-        block = harmonics[:, start : start + 2 * l + 1]  # (E, 2l+1)
-        blocks.append((weights[:, :, index].unsqueeze(-1) * block.unsqueeze(1)).flatten(1))
-        start += 2 * l + 1
-    return torch.cat(blocks, dim=1)
+    return weights.index_select(-1, irrep_of_component) * harmonics.unsqueeze(1)
+
+
+def irrep_index(irreps: o3.Irreps) -> Tensor:
+    """(Σ 2l+1,) position in ``irreps`` of each component of one channel."""
+    return torch.tensor([k for k, (_, ir) in enumerate(irreps) for _ in range(ir.dim)], dtype=torch.long)
+
+
+def to_irreps_layout(x: Tensor, irreps: o3.Irreps) -> Tensor:
+    """Channel-major (E, C, Σ 2l+1) → e3nn's layout (E, C×ir₀ + C×ir₁ + ...)."""
+    blocks = x.split([ir.dim for _, ir in irreps], dim=-1)
+    return torch.cat([block.flatten(1) for block in blocks], dim=1)
+
+
+def from_irreps_layout(x: Tensor, irreps: o3.Irreps) -> Tensor:
+    """e3nn's layout (E, C×ir₀ + C×ir₁ + ...) → channel-major (E, C, Σ 2l+1)."""
+    blocks = x.split([mul * ir.dim for mul, ir in irreps], dim=-1)
+    return torch.cat([b.reshape(len(x), mul, ir.dim) for b, (mul, ir) in zip(blocks, irreps)], dim=-1)
 
 
 def tensor_track_irreps(
@@ -227,6 +238,7 @@ class Allegro(Architecture):
         )
         track = tensor_track_irreps(irreps_sh, allowed, self.num_layers)
         env_weights = channels * len(self.ls)
+        self.register_buffer("irrep_of_component", irrep_index(irreps_sh), persistent=False)
         self.tensor_embedding = nn.Linear(scalars, env_weights, bias=False)
         self.first_env_weights = nn.Linear(scalars, env_weights, bias=False)
         normalized_init_(self.tensor_embedding)
@@ -282,29 +294,44 @@ class Allegro(Architecture):
         embedding = self.two_body_mlp(self.radial_embedding(x, species_i, species_j))
         latents = self.scalar_embed_mlp(embedding)  # (E, S)
         harmonics = self.spherical_harmonics(vectors)  # (E, Σ 2l+1)
-        num_edges, channels = harmonics.shape[0], self.num_tensor_features
+        num_edges, channels, num_irreps = harmonics.shape[0], self.num_tensor_features, len(self.ls)
+        # the tensor track is channel-major, (E, C, Σ 2l+1): see ChannelTensorProduct
         tensors = weighted_harmonics(
-            self.tensor_embedding(latents).view(num_edges, channels, len(self.ls)), harmonics, self.ls
+            self.tensor_embedding(latents).view(num_edges, channels, num_irreps), harmonics, self.irrep_of_component
         )
         env_weights = self.first_env_weights(latents)
         accumulated = [latents]
         for layer, (tensor_product, latent_mlp) in enumerate(zip(self.tensor_products, self.latent_mlps)):
-            edge_env = weighted_harmonics(env_weights.view(num_edges, channels, len(self.ls)), harmonics, self.ls)
-            environment = scatter_sum(edge_env, i, num_atoms) * normalization.unsqueeze(-1)
-            tensors = tensor_product(tensors, environment[i])
-            # the first C entries are the 0e channels: scalars of the tensor track
-            new = latent_mlp(torch.cat(accumulated + [tensors[:, :channels]], dim=-1))
-            accumulated.append(new[:, : self.num_scalar_features])
+            edge_env = weighted_harmonics(
+                env_weights.view(num_edges, channels, num_irreps), harmonics, self.irrep_of_component
+            )
+            environment = scatter_sum(edge_env, i, num_atoms) * normalization.view(-1, 1, 1)  # (N, C, Σ 2l+1)
+            tensors = tensor_product(tensors, environment, i)
+            # component 0 of every channel is its 0e: the scalars of the tensor track
+            new = latent_mlp(torch.cat(accumulated + [tensors[:, :, 0]], dim=-1))
             if layer < self.num_layers - 1:
-                env_weights = new[:, self.num_scalar_features :]
+                # split, not slices: slicing backward would allocate zero-filled (E, ·) gradients
+                new_latents, env_weights = new.split([self.num_scalar_features, new.shape[1] - self.num_scalar_features], dim=-1)
+                accumulated.append(new_latents)
+            else:
+                accumulated.append(new)
         edge_features = self.readout_hidden(torch.cat(accumulated, dim=-1))  # (E, W)
         features = scatter_sum(edge_features, i, num_atoms) * normalization.unsqueeze(-1)
         return self.last_layer(features).squeeze(-1), features
 
 
 class ChannelTensorProduct(nn.Module):
-    """Channel-wise ('uuu') tensor product whose path weights are per (path, channel)
-    with ``tp_path_channel_coupling``, else one weight per path shared by channels."""
+    """Channel-wise ('uuu') tensor product of edge tensors with their centre's
+    environment; path weights are per (path, channel) with ``tp_path_channel_coupling``,
+    else one weight per path shared by channels.
+
+    Both inputs and the output are channel-major, (rows, C, Σ 2l+1). The e3nn
+    ``tensor_product`` holds the weights (and the state-dict layout); its paths are
+    summed into one coupling tensor W[u, i, j, k], contracted with the environment
+    per atom, M[n, u, i, k] = Σ_j Γ[n, u, j] W[u, i, j, k], so each edge costs one
+    (Σ 2l+1)² matrix-vector product out[e, u] = V[e, u] · M[centre(e), u], not an
+    outer product per path (e3nn's forward, ~3× slower and larger on CPU).
+    """
 
     def __init__(self, irreps_1: o3.Irreps, irreps_2: o3.Irreps, irreps_out: o3.Irreps, instructions: list, coupling: bool):
         super().__init__()
@@ -315,11 +342,42 @@ class ChannelTensorProduct(nn.Module):
         )
         self.channels = irreps_out[0].mul
         num_paths = len(instructions)
+        self.num_paths = num_paths
         self.path_weights = nn.Parameter(torch.randn(0 if coupling else num_paths))
+        # per path: a scale (a Python float, kept exact in any model dtype) × a pattern of
+        # Wigner 3j symbols in the (i, j, k) block of its irreps. Where e3nn's forward
+        # uses exact constants (an l = 0 irrep, or 1 ⊗ 1 → 1) the pattern is 0/±1 and
+        # the scale carries 1/√dim, so a float32 build cast to float64 agrees with it too
+        offsets = [[0] + [sum(ir.dim for _, ir in irreps[:k + 1]) for k in range(len(irreps))] for irreps in (irreps_1, irreps_2, irreps_out)]
+        dims = [offset[-1] for offset in offsets]
+        patterns = torch.zeros(num_paths, dims[0], dims[1], dims[2], dtype=torch.float64)
+        path_scales: List[float] = []
+        for p, ins in enumerate(self.tensor_product.instructions):
+            ls = (irreps_1[ins.i_in1].ir.l, irreps_2[ins.i_in2].ir.l, irreps_out[ins.i_out].ir.l)
+            (a1, b1), (a2, b2), (a3, b3) = [(o[k], o[k + 1]) for o, k in zip(offsets, (ins.i_in1, ins.i_in2, ins.i_out))]
+            wigner = o3.wigner_3j(*ls, dtype=torch.float64)
+            exact = 6.0 if ls == (1, 1, 1) else float(2 * max(ls) + 1) if 0 in ls else 0.0
+            if exact:
+                wigner = torch.round(wigner * math.sqrt(exact))
+            patterns[p, a1:b1, a2:b2, a3:b3] = wigner
+            path_scales.append(ins.path_weight / math.sqrt(exact) if exact else ins.path_weight)
+        self.register_buffer("patterns", patterns.to(torch.get_default_dtype()), persistent=False)
+        # a plain attribute, not a buffer: .to(float32) must not round the scales
+        self.path_scales = torch.tensor(path_scales, dtype=torch.float64)
 
-    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+    def forward(self, x: Tensor, environment: Tensor, centre: Tensor) -> Tensor:
+        """``x`` (E, C, D₁) edge tensors, ``environment`` (N, C, D₂) per atom, ``centre``
+        (E,) each edge's atom → (E, C, D_out)."""
         if self.coupling:
-            return self.tensor_product(x, y)
-        weight = self.path_weights.repeat_interleave(self.channels)
-        return self.tensor_product(x, y, weight)
-
+            weight = self.tensor_product.weight.view(self.num_paths, self.channels)
+        else:
+            weight = self.path_weights.unsqueeze(-1).expand(self.num_paths, self.channels)
+        scales = self.path_scales.to(device=weight.device, dtype=weight.dtype)
+        # W[u, j, (i, k)], so that the per-atom contraction over j is one batched matmul
+        coupling = torch.einsum("pu,pijk->ujik", weight * scales.unsqueeze(-1), self.patterns)
+        dim_1, dim_out = self.patterns.shape[1], self.patterns.shape[3]
+        per_atom = torch.bmm(environment.transpose(0, 1), coupling.reshape(self.channels, -1, dim_1 * dim_out))
+        per_atom = per_atom.transpose(0, 1).reshape(-1, self.channels, dim_1, dim_out)  # (N, C, D₁, D_out)
+        per_edge = per_atom.index_select(0, centre)  # (E, C, D₁, D_out)
+        # a batched vector-matrix product: no (E, C, D₁, D_out) products to allocate
+        return torch.matmul(x.unsqueeze(-2), per_edge).squeeze(-2)

@@ -24,6 +24,9 @@ from pes_calc.architectures.allegro import (
     DEFAULT_HYPERS,
     RADIAL_EMBEDS,
     SplineEmbedding,
+    from_irreps_layout,
+    irrep_index,
+    to_irreps_layout,
     weighted_harmonics,
 )
 from pes_calc.compile import compile_model, read_artefact_metadata
@@ -207,8 +210,10 @@ def test_tensor_track_is_equivariant(l_max, parity, coupling):
     graph = atoms_to_graph(cluster(), model.species, model.cutoff)
     captured = []
     for tensor_product in architecture.tensor_products:
-        tensor_product.register_forward_hook(
-            lambda m, inputs, output: captured.append(output)
+        tensor_product.register_forward_hook(  # the track is channel-major
+            lambda m, inputs, output: captured.append(
+                to_irreps_layout(output, m.tensor_product.irreps_out)
+            )
         )
 
     def features(positions):
@@ -256,8 +261,10 @@ def test_float64_model_is_equivariant_to_float64_precision():
     architecture = model.architecture
     captured = []
     for tensor_product in architecture.tensor_products:
-        tensor_product.register_forward_hook(
-            lambda m, inputs, output: captured.append(output)
+        tensor_product.register_forward_hook(  # the track is channel-major
+            lambda m, inputs, output: captured.append(
+                to_irreps_layout(output, m.tensor_product.irreps_out)
+            )
         )
     graph = atoms_to_graph(cluster(), model.species, model.cutoff)
 
@@ -290,40 +297,57 @@ def test_float64_model_is_equivariant_to_float64_precision():
 def test_channel_tensor_product_is_equivariant(coupling):
     torch.manual_seed(0)
     model = small_model(l_max=2, tp_path_channel_coupling=coupling)
-    tensor_product = model.architecture.tensor_products[0]
-    irreps = tensor_product.tensor_product
+    channel_tensor_product = model.architecture.tensor_products[0]
+    irreps = channel_tensor_product.tensor_product
     x = irreps.irreps_in1.randn(7, -1, dtype=torch.float64)
     y = irreps.irreps_in2.randn(7, -1, dtype=torch.float64)
-    scale = tensor_product(x, y).abs().max()
+
+    def tensor_product(x, y):  # each row of x with its own environment row of y
+        out = channel_tensor_product(
+            from_irreps_layout(x, irreps.irreps_in1),
+            from_irreps_layout(y, irreps.irreps_in2),
+            torch.arange(len(x)),
+        )
+        return to_irreps_layout(out, irreps.irreps_out)
+
+    scale = float(tensor_product(x, y).abs().max())
     assert scale > 1e-3
+    # the same numbers as e3nn's forward, which holds (or is given) the weights
+    weight = channel_tensor_product.path_weights.repeat_interleave(4)
+    expected = irreps(x, y) if coupling else irreps(x, y, weight)
+    torch.testing.assert_close(tensor_product(x, y), expected, rtol=0, atol=1e-12 * scale)
     # e3nn's Wigner D matrices are good to ~1e-7 (relative) in float64
     assert_equivariant(
         tensor_product,
         args_in=[x, y],
         irreps_in=[irreps.irreps_in1, irreps.irreps_in2],
         irreps_out=[irreps.irreps_out],
-        tolerance=1e-6 * float(scale),
+        tolerance=1e-6 * scale,
     )
 
 
-def test_weighted_harmonics_layout_is_e3nns():
-    """Channel c of irrep l is weight[c, l] × Y_l, in the layout of C×0e + C×1o + …"""
+def test_weighted_harmonics_layout_is_channel_major():
+    """Channel c of irrep l is weight[c, l] × Y_l: (E, C, Σ 2l+1), which is
+    C×0e + C×1o + … once converted to e3nn's layout."""
     torch.manual_seed(0)
     irreps_sh = o3.Irreps.spherical_harmonics(2, p=-1)
     weights = torch.randn(5, 3, 3, dtype=torch.float64)
     vectors = torch.randn(5, 3, dtype=torch.float64)
     harmonics = o3.spherical_harmonics(irreps_sh, vectors, normalize=True)
-    out = weighted_harmonics(weights, harmonics, [0, 1, 2])
-    irreps_out = o3.Irreps("3x0e+3x1o+3x2e")
-    assert out.shape == (5, irreps_out.dim)
-    blocks = [out[:, s].reshape(5, 3, -1) for s in irreps_out.slices()]
-    for degree, block in enumerate(blocks):
+    out = weighted_harmonics(weights, harmonics, irrep_index(irreps_sh))
+    assert out.shape == (5, 3, irreps_sh.dim)
+    for degree in range(3):
         rows = slice(degree**2, (degree + 1) ** 2)
         expected = weights[:, :, degree, None] * harmonics[:, rows][:, None]
-        torch.testing.assert_close(block, expected, rtol=0, atol=0)
+        torch.testing.assert_close(out[:, :, rows], expected, rtol=0, atol=0)
+    irreps_out = o3.Irreps("3x0e+3x1o+3x2e")
+    assert torch.equal(from_irreps_layout(to_irreps_layout(out, irreps_out), irreps_out), out)
     assert_equivariant(
-        lambda v: weighted_harmonics(
-            weights, o3.spherical_harmonics(irreps_sh, v, normalize=True), [0, 1, 2]
+        lambda v: to_irreps_layout(
+            weighted_harmonics(
+                weights, o3.spherical_harmonics(irreps_sh, v, normalize=True), irrep_index(irreps_sh)
+            ),
+            irreps_out,
         ),
         args_in=[vectors],
         irreps_in=[o3.Irreps("1o")],
