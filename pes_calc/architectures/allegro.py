@@ -378,6 +378,7 @@ class ChannelTensorProduct(nn.Module):
         dim_1, dim_out = self.patterns.shape[1], self.patterns.shape[3]
         per_atom = torch.bmm(environment.transpose(0, 1), coupling.reshape(self.channels, -1, dim_1 * dim_out))
         per_atom = per_atom.transpose(0, 1).reshape(-1, self.channels, dim_1, dim_out)  # (N, C, D₁, D_out)
-        per_edge = per_atom.index_select(0, centre)  # (E, C, D₁, D_out)
-        # a batched vector-matrix product: no (E, C, D₁, D_out) products to allocate
+        # each edge reads its centre's matrices (E, C, D₁, D_out): the largest tensor of
+        # the model (autograd keeps it), but one gather instead of a product per path
+        per_edge = per_atom.index_select(0, centre)
         return torch.matmul(x.unsqueeze(-2), per_edge).squeeze(-2)
