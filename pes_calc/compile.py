@@ -46,6 +46,7 @@ from pes_calc.io import (
     model_metadata,
     model_state,
 )
+from pes_calc.nn.tensor_product import EdgeTensorProduct
 from pes_calc.potential import Potential
 
 METADATA_FILE = "pes_calc_metadata.json"
@@ -210,6 +211,9 @@ def _compile_aotinductor(
     if hasattr(model, "ensemble_forces"):
         # ensemble forces take extra backward passes: the loaded artefact asks eager
         model.ensemble_forces = False
+    for module in model.modules():
+        if isinstance(module, EdgeTensorProduct):
+            module.edge_chunk = 0  # the chunk count would depend on the symbolic edge count
     graph = example_graph(model, dtype, device)
     names = [name for name in COMPILED_OUTPUTS if name in model(graph, True, True)]
     metadata["compiled_outputs"] = names

@@ -57,6 +57,24 @@ def test_matches_e3nn_tensor_product_and_scatter(irreps_in, l_max, parity):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("edge_chunk", [0, 1, 7, 1000])
+def test_edge_chunks_do_not_change_the_result(edge_chunk):
+    with float64_default():
+        tp = _nequip_tensor_product(o3.Irreps("3x0e+3x1o+3x2e"), 2, True)
+        convolution = EdgeTensorProduct(tp)
+    features, harmonics, weights, edge_index = _inputs(tp, num_nodes=6, num_edges=25)
+    inputs = [t.requires_grad_(True) for t in (features, harmonics, weights)]
+    expected = scatter_sum(tp(features[edge_index[1]], harmonics, weights), edge_index[0], 6)
+    convolution.edge_chunk = edge_chunk
+    result = convolution(features, harmonics, weights, edge_index)
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+    probe = torch.randn_like(expected)
+    grads = torch.autograd.grad((result * probe).sum(), inputs)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
 def test_no_edges_gives_zeros():
     tp = _nequip_tensor_product(o3.Irreps("3x0e+3x1o"), 1, True)
     convolution = EdgeTensorProduct(tp)
