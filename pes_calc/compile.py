@@ -263,10 +263,13 @@ def _cache_dir() -> Path:
 
 
 def _cache_key(model: torch.nn.Module, metadata: dict[str, Any]) -> str:
-    """A hash of the weights and of the metadata, which holds the hyperparameters,
-    torch version, device and dtype (the .safetensors bytes are not stable: the
-    order of their header's keys varies)."""
+    """A hash of the weights, of the metadata, which holds the hyperparameters,
+    torch version, device and dtype, and of pes_calc's own source, whose code the
+    package compiled (the .safetensors bytes are not stable: the order of their
+    header's keys varies)."""
     digest = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for source in sorted(Path(__file__).parent.rglob("*.py")):
+        digest.update(source.read_bytes())
     for name, tensor in sorted(model_state(model).items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
