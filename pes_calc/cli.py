@@ -51,7 +51,7 @@ def compile_command(
     """Compile MODEL (.safetensors) into a self-describing artefact.
 
     AOTInductor packages take minutes to compile and are cached by weights, torch
-    version, device and dtype in $PES_CALC_CACHE_DIR (default ~/.cache/pes_calc).
+    version, device, dtype and pes_calc's source in $PES_CALC_CACHE_DIR (default ~/.cache/pes_calc).
     """
     from pes_calc.compile import compile_model
     from pes_calc.io import ModelFileError, load_model
