@@ -207,8 +207,10 @@ class SoapBpnn(Architecture):
         i, j = graph.edge_index[0], graph.edge_index[1]
         lengths = torch.linalg.vector_norm(vectors, dim=-1)  # (E,)
         cutoff = shifted_cosine_cutoff(lengths, self.cutoff, self.cutoff_width)
-        radial = torch.cat(self.radial(lengths), dim=1) * cutoff.unsqueeze(-1)  # (E, Σ n_l)
-        harmonics = torch.cat(self.angular(vectors), dim=1)  # (E, (l_max+1)²)
+        # torch-spex's flat bases, before its modules split them per l (a split and a
+        # cat back cost two (E, ·) copies and their gradients)
+        radial = self.radial.spliner(lengths) * cutoff.unsqueeze(-1)  # (E, Σ n_l)
+        harmonics = self.angular.sph.compute(vectors)  # (E, (l_max+1)²)
         # all (l, m, n) products y_lm r_ln in one flat, contiguous tensor: one scatter
         # serves every l, and the backward pass avoids slow tiny-dimension broadcasts
         products = harmonics.index_select(1, self.product_harmonic) * radial.index_select(
