@@ -44,19 +44,25 @@ def main() -> None:
     "--modifiers", multiple=True, type=click.Choice(sorted(MODIFIERS)),
     help="Model modifiers to apply before compiling (repeatable).",
 )
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None,
+    help="CPU threads the AOTInductor package will run with (pes-calc md --threads); "
+    "its loops are generated for that many (default: torch's, all cores).",
+)
 def compile_command(
     model: Path, output: Path, mode: str, device: str, dtype: str | None,
-    modifiers: tuple[str, ...],
+    modifiers: tuple[str, ...], threads: int | None,
 ) -> None:
     """Compile MODEL (.safetensors) into a self-describing artefact.
 
     AOTInductor packages take minutes to compile and are cached by weights, torch
-    version, device, dtype and pes_calc's source in $PES_CALC_CACHE_DIR (default ~/.cache/pes_calc).
+    version, device, dtype, CPU threads and pes_calc's source in $PES_CALC_CACHE_DIR
+    (default ~/.cache/pes_calc).
     """
     from pes_calc.compile import compile_model
     from pes_calc.io import ModelFileError, load_model
 
-    _check_device(device)
+    _set_up_torch(device, threads)
     try:
         eager = load_model(model)
         compile_model(

@@ -208,6 +208,10 @@ def _compile_aotinductor(
     from pes_calc.io import save_model
 
     dtype, device = getattr(torch, metadata["dtype"]), metadata["device"]
+    if torch.device(device).type == "cpu":
+        # inductor writes serial loops for 1 thread and parallel ones (with atomic
+        # adds for scatters) for more: a package runs best with the count it had
+        metadata["cpu_threads"] = torch.get_num_threads()
     if hasattr(model, "ensemble_forces"):
         # ensemble forces take extra backward passes: the loaded artefact asks eager
         model.ensemble_forces = False
@@ -365,6 +369,14 @@ def _load_aotinductor(
             stacklevel=3,
         )
         return eager
+    threads = metadata.get("cpu_threads")
+    if threads is not None and threads != torch.get_num_threads():
+        warnings.warn(
+            f"{path} was compiled for {threads} CPU thread(s) and runs with "
+            f"{torch.get_num_threads()}: up to ~2x slower than it could be (recompile "
+            f"with pes-calc compile --threads {torch.get_num_threads()})",
+            stacklevel=3,
+        )
     return loaded
 
 

@@ -539,13 +539,18 @@ def _make_pes_calc(spec: dict[str, Any]) -> tuple[Any, Stages | None]:
 
 
 def prepare_artefacts(
-    architecture: str, artefacts: Sequence[str], folder: Path, device: str
+    architecture: str, artefacts: Sequence[str], folder: Path, device: str, threads: int
 ) -> dict[str, dict[str, Any]]:
-    """Build the untrained model and write each artefact; {artefact: info}."""
+    """Build the untrained model and write each artefact; {artefact: info}.
+
+    Compiled with the threads the timing uses (AOTInductor's loops depend on them).
+    """
     import torch
 
     from pes_calc import build_model, save_model
     from pes_calc.compile import compile_model
+
+    torch.set_num_threads(threads)
 
     extra = (
         {} if architecture == "soap_bpnn" else {"avg_num_neighbors": AVG_NUM_NEIGHBORS}
@@ -591,7 +596,9 @@ def prepare_ours(args: argparse.Namespace, architecture: str, folder: Path) -> d
         file=sys.stderr,
         flush=True,
     )
-    info = prepare_artefacts(architecture, args.artefacts, folder, args.device)
+    info = prepare_artefacts(
+        architecture, args.artefacts, folder, args.device, args.threads
+    )
     for artefact, entry in info.items():
         entry["label"] = f"pes_calc {artefact}"
         if "error" in entry:

@@ -159,17 +159,24 @@ def test_a_second_compile_comes_from_the_cache(package, llpr, tmp_path, monkeypa
     assert (tmp_path / "again.pt2").read_bytes() == package.read_bytes()
     # the CLI too, from the .safetensors file
     save_model(llpr, tmp_path / "model.safetensors")
+    threads = torch.get_num_threads()
     result = CliRunner().invoke(main, [
         "compile", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "cli.pt2"),
-        "--mode", "aotinductor",
+        "--mode", "aotinductor", "--threads", str(threads),
     ])
     assert result.exit_code == 0, result.output
     info = CliRunner().invoke(main, ["info", str(tmp_path / "cli.pt2")])
     assert "aotinductor" in info.output
-    # other weights are another key: that would compile
+    # other weights, or another thread count, are another key: that would compile
     other = build_model("soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2})
     with pytest.raises(AssertionError, match="compiled again"):
         compile_model(other, tmp_path / "other.pt2", mode="aotinductor")
+    try:
+        torch.set_num_threads(threads + 1)
+        with pytest.raises(AssertionError, match="compiled again"):
+            compile_model(llpr, tmp_path / "threads.pt2", mode="aotinductor")
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_broken_compiled_code_falls_back_to_eager(package, llpr, monkeypatch):
@@ -207,3 +214,17 @@ def test_long_range_models_are_refused(tmp_path):
     )
     with pytest.raises(NotImplementedError, match="long-range"):
         compile_model(model, tmp_path / "lr.pt2", mode="aotinductor")
+
+
+def test_package_records_its_threads_and_warns_when_run_with_others(package, llpr):
+    threads = read_artefact_metadata(package)["cpu_threads"]
+    assert threads == torch.get_num_threads()
+    other = 2 if threads == 1 else 1
+    try:
+        torch.set_num_threads(other)
+        with pytest.warns(UserWarning, match=f"compiled for {threads} CPU thread"):
+            calc = PESCalculator(package)
+    finally:
+        torch.set_num_threads(threads)
+    # still the compiled code, only slower than it could be
+    assert isinstance(calc.model, AOTInductorPotential)

@@ -290,18 +290,23 @@ def _make(spec: dict) -> tuple[Any, None]:
     return MAKE[spec["code"]](spec)
 
 
-def prepare(peer: str, artefacts: list[str], folder: Path, device: str) -> dict:
+def prepare(
+    peer: str, artefacts: list[str], folder: Path, device: str, threads: int
+) -> dict:
     """Build (and compile) each artefact of ``peer`` in ``folder``; {artefact: info}.
 
-    An artefact already prepared there (its ``.json``, same torch and device) is
-    reused: nequip's AOTInductor export takes minutes.
+    An artefact already prepared there (its ``.json``, same torch, device and
+    threads) is reused: nequip's AOTInductor export takes minutes. Compiling uses
+    the threads the timing will use: inductor generates serial loops for one thread
+    and parallel ones for more, and a package runs best with the count it had.
     """
     import torch
 
+    torch.set_num_threads(threads)
     folder.mkdir(parents=True, exist_ok=True)
     prepared = {}
     for artefact in artefacts:
-        stamp = {"torch": torch.__version__, "device": device}
+        stamp = {"torch": torch.__version__, "device": device, "threads": threads}
         cached = folder / f"{peer}-{artefact}.json"
         if cached.exists():
             info = json.loads(cached.read_text())
@@ -379,7 +384,7 @@ def main() -> None:
     args = parser.parse_args()
     common = {**harness.DEFAULT_SPEC, **json.loads(args.spec)}
     artefacts = args.artefacts or ARTEFACTS[args.peer]
-    info = prepare(args.peer, artefacts, args.cache, common["device"])
+    info = prepare(args.peer, artefacts, args.cache, common["device"], common["threads"])
     if args.prepare_only:
         args.json.write_text(json.dumps(info, indent=1))
         return
