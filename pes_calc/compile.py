@@ -46,7 +46,6 @@ from pes_calc.io import (
     model_metadata,
     model_state,
 )
-from pes_calc.nn.tensor_product import EdgeTensorProduct
 from pes_calc.potential import Potential
 
 METADATA_FILE = "pes_calc_metadata.json"
@@ -216,8 +215,10 @@ def _compile_aotinductor(
         # ensemble forces take extra backward passes: the loaded artefact asks eager
         model.ensemble_forces = False
     for module in model.modules():
-        if isinstance(module, EdgeTensorProduct):
-            module.edge_chunk = 0  # the chunk count would depend on the symbolic edge count
+        # architectures' building blocks may choose an export-friendly formulation
+        prepare = getattr(module, "prepare_for_export", None)
+        if callable(prepare):
+            prepare()
     graph = example_graph(model, dtype, device)
     names = [name for name in COMPILED_OUTPUTS if name in model(graph, True, True)]
     metadata["compiled_outputs"] = names

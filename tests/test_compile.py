@@ -228,3 +228,31 @@ def test_package_records_its_threads_and_warns_when_run_with_others(package, llp
         torch.set_num_threads(threads)
     # still the compiled code, only slower than it could be
     assert isinstance(calc.model, AOTInductorPotential)
+
+
+@pytest.mark.parametrize(
+    "architecture, hypers",
+    [
+        ("nequip", {"l_max": 2, "num_layers": 2, "num_features": 4}),
+        ("allegro", {"l_max": 2, "num_layers": 2, "num_tensor_features": 4}),
+    ],
+)
+def test_export_formulations_give_the_eager_numbers(architecture, hypers):
+    """What `prepare_for_export` switches (NequIP: no edge chunks; Allegro: contraction
+    by multiply-and-sum) changes the arithmetic's order, not the results."""
+    model = build_model(architecture, ["Cu", "Ag"], model_dtype="float64", seed=0, **hypers)
+    atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
+    atoms.symbols[::3] = "Ag"
+    atoms.rattle(0.1, seed=0)
+    graph = atoms_to_graph(atoms, model.species, model.cutoff, dtype=torch.float64)
+    for module in model.modules():  # chunks small enough to matter here
+        if hasattr(module, "edge_chunk"):
+            module.edge_chunk = 100
+    expected = model(graph)
+    prepared = [m for m in model.modules() if hasattr(m, "prepare_for_export")]
+    assert prepared
+    for module in prepared:
+        module.prepare_for_export()
+    result = model(graph)
+    for key in (keys.ENERGY, keys.FORCES, keys.STRESS):
+        torch.testing.assert_close(result[key], expected[key], rtol=1e-10, atol=1e-12)
