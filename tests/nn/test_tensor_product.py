@@ -26,6 +26,16 @@ def _inputs(tp: o3.TensorProduct, num_nodes: int, num_edges: int, seed: int = 0)
     return features, harmonics, weights, edge_index
 
 
+def _assert_same_values_and_gradients(result, expected, inputs):
+    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
+    # gradients too: forces come from the backward pass
+    probe = torch.randn_like(expected)
+    grads = torch.autograd.grad((result * probe).sum(), inputs, retain_graph=True)
+    expected_grads = torch.autograd.grad((expected * probe).sum(), inputs)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize(
     "irreps_in, l_max, parity",
     [
@@ -47,14 +57,7 @@ def test_matches_e3nn_tensor_product_and_scatter(irreps_in, l_max, parity):
     result = convolution(features, harmonics, weights, edge_index)
     assert result.shape == expected.shape == (6, tp.irreps_out.dim)
     assert expected.abs().max() > 0.5
-    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
-
-    # gradients too: forces come from the backward pass
-    probe = torch.randn_like(expected)
-    expected_grads = torch.autograd.grad((expected * probe).sum(), inputs)
-    grads = torch.autograd.grad((result * probe).sum(), inputs)
-    for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    _assert_same_values_and_gradients(result, expected, inputs)
 
 
 @pytest.mark.parametrize("edge_chunk", [0, 1, 7, 1000])
@@ -67,12 +70,7 @@ def test_edge_chunks_do_not_change_the_result(edge_chunk):
     expected = scatter_sum(tp(features[edge_index[1]], harmonics, weights), edge_index[0], 6)
     convolution.edge_chunk = edge_chunk
     result = convolution(features, harmonics, weights, edge_index)
-    torch.testing.assert_close(result, expected, rtol=1e-12, atol=1e-12)
-    probe = torch.randn_like(expected)
-    grads = torch.autograd.grad((result * probe).sum(), inputs)
-    expected_grads = torch.autograd.grad((expected * probe).sum(), inputs)
-    for grad, expected_grad in zip(grads, expected_grads):
-        torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
+    _assert_same_values_and_gradients(result, expected, inputs)
 
 
 def test_no_edges_gives_zeros():
