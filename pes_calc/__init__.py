@@ -6,9 +6,10 @@ atoms → `AtomicGraph` (neighbours from vesin) → architecture → `Potential`
 
 import os
 
-# PyTorch reads this once, at its first CPU allocation (so only if pes_calc is imported
-# before torch, as the CLI is): large tensors on transparent huge pages make the fresh
-# per-step allocations of a force call up to 3x cheaper. Export it as 0 to opt out.
+# PyTorch reads this once, at its first large (≥ 2 MB) CPU allocation, so it counts when
+# pes_calc is imported before any big tensor exists: large tensors on transparent huge
+# pages make the fresh per-step allocations of a force call up to 3x cheaper. Export
+# it as 0 to opt out.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from pes_calc.batched import evaluate
