@@ -14,8 +14,8 @@ dynamic numbers of atoms, edges and structures, and compiled to a shared library
 a ``.pt2`` package. The package also holds the eager model's weights, so a loaded
 artefact is checked against eager once and falls back to eager, with a warning, when
 the compiled code does not load or does not agree. Compiling takes minutes, so
-packages are cached by (weights, torch version, device, dtype) in
-``$PES_CALC_CACHE_DIR`` (default ``~/.cache/pes_calc``).
+packages are cached by (weights, torch version, device, dtype, CPU threads,
+pes_calc's source) in ``$PES_CALC_CACHE_DIR`` (default ``~/.cache/pes_calc``).
 """
 
 from __future__ import annotations
@@ -374,8 +374,9 @@ def _load_aotinductor(
     if threads is not None and threads != torch.get_num_threads():
         warnings.warn(
             f"{path} was compiled for {threads} CPU thread(s) and runs with "
-            f"{torch.get_num_threads()}: up to ~2x slower than it could be (recompile "
-            f"with pes-calc compile --threads {torch.get_num_threads()})",
+            f"{torch.get_num_threads()}: slower than it could be (1.7x for SOAP-BPNN "
+            f"in the README); recompile with pes-calc compile --threads "
+            f"{torch.get_num_threads()}",
             stacklevel=3,
         )
     return loaded

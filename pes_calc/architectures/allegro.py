@@ -152,18 +152,6 @@ def irrep_index(irreps: o3.Irreps) -> Tensor:
     return torch.tensor([k for k, (_, ir) in enumerate(irreps) for _ in range(ir.dim)], dtype=torch.long)
 
 
-def to_irreps_layout(x: Tensor, irreps: o3.Irreps) -> Tensor:
-    """Channel-major (E, C, Σ 2l+1) → e3nn's layout (E, C×ir₀ + C×ir₁ + ...)."""
-    blocks = x.split([ir.dim for _, ir in irreps], dim=-1)
-    return torch.cat([block.flatten(1) for block in blocks], dim=1)
-
-
-def from_irreps_layout(x: Tensor, irreps: o3.Irreps) -> Tensor:
-    """e3nn's layout (E, C×ir₀ + C×ir₁ + ...) → channel-major (E, C, Σ 2l+1)."""
-    blocks = x.split([mul * ir.dim for mul, ir in irreps], dim=-1)
-    return torch.cat([b.reshape(len(x), mul, ir.dim) for b, (mul, ir) in zip(blocks, irreps)], dim=-1)
-
-
 def tensor_track_irreps(
     irreps_sh: o3.Irreps, allowed: o3.Irreps, num_layers: int
 ) -> List[o3.Irreps]:
@@ -363,8 +351,15 @@ class ChannelTensorProduct(nn.Module):
             patterns[p, a1:b1, a2:b2, a3:b3] = wigner
             path_scales.append(ins.path_weight / math.sqrt(exact) if exact else ins.path_weight)
         self.register_buffer("patterns", patterns.to(torch.get_default_dtype()), persistent=False)
-        # a plain attribute, not a buffer: .to(float32) must not round the scales
+        # the float64 master is a plain attribute (.to(float32) must not round it); the
+        # buffer the forward pass reads is recast from it whenever the module moves
         self.path_scales = torch.tensor(path_scales, dtype=torch.float64)
+        self.register_buffer("scales", self.path_scales.to(self.patterns), persistent=False)
+
+    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 (nn.Module's signature)
+        module = super()._apply(fn, *args, **kwargs)
+        self.scales = self.path_scales.to(self.patterns)
+        return module
 
     def forward(self, x: Tensor, environment: Tensor, centre: Tensor) -> Tensor:
         """``x`` (E, C, D₁) edge tensors, ``environment`` (N, C, D₂) per atom, ``centre``
@@ -373,9 +368,8 @@ class ChannelTensorProduct(nn.Module):
             weight = self.tensor_product.weight.view(self.num_paths, self.channels)
         else:
             weight = self.path_weights.unsqueeze(-1).expand(self.num_paths, self.channels)
-        scales = self.path_scales.to(device=weight.device, dtype=weight.dtype)
         # W[u, j, (i, k)], so that the per-atom contraction over j is one batched matmul
-        coupling = torch.einsum("pu,pijk->ujik", weight * scales.unsqueeze(-1), self.patterns)
+        coupling = torch.einsum("pu,pijk->ujik", weight * self.scales.unsqueeze(-1), self.patterns)
         dim_1, dim_out = self.patterns.shape[1], self.patterns.shape[3]
         per_atom = torch.bmm(environment.transpose(0, 1), coupling.reshape(self.channels, -1, dim_1 * dim_out))
         per_atom = per_atom.transpose(0, 1).reshape(-1, self.channels, dim_1, dim_out)  # (N, C, D₁, D_out)
@@ -389,5 +383,5 @@ class ChannelTensorProduct(nn.Module):
     def prepare_for_export(self) -> None:
         """Contract by multiply-and-sum, which inductor fuses into one loop (10% faster
         than its batched matmul of tiny matrices); eager keeps the matmul, since it
-        would materialise the (E, C, D₁, D_out) products (25% more memory)."""
+        would materialise the (E, C, D₁, D_out) products (about 20% more peak memory)."""
         self.broadcast_contraction = True

@@ -21,7 +21,6 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-
 EDGE_CHUNK = 2048
 
 
@@ -84,8 +83,6 @@ class EdgeTensorProduct(nn.Module):
         outputs = [ins.i_out for ins in tp.instructions]
         if len(set(outputs)) != len(outputs) or len(outputs) != len(tp.irreps_out):
             raise ValueError("EdgeTensorProduct needs exactly one path per output irrep")
-        self.irreps_out = tp.irreps_out
-        self.weight_numel = tp.weight_numel
         sh_slices = tp.irreps_in2.slices()
 
         muls = {mul for mul, _ in tp.irreps_out}

@@ -18,15 +18,14 @@ import torch
 from e3nn import o3
 from e3nn.util.test import assert_equivariant
 from helpers import bulk, run
+from torch import Tensor
 
 from pes_calc import build_model, keys
 from pes_calc.architectures.allegro import (
     DEFAULT_HYPERS,
     RADIAL_EMBEDS,
     SplineEmbedding,
-    from_irreps_layout,
     irrep_index,
-    to_irreps_layout,
     weighted_harmonics,
 )
 from pes_calc.compile import compile_model, read_artefact_metadata
@@ -44,6 +43,21 @@ SMALL = {
 }
 SHIFTS = [-3.5, -1.25]
 SPLINE = {"name": "TwoBodySplineScalarEmbed", "num_splines": 6, "spline_span": 4}
+
+
+# the model's tensor track is channel-major; e3nn's modules use their own layout
+def to_irreps_layout(x: Tensor, irreps: o3.Irreps) -> Tensor:
+    """Channel-major (E, C, Σ 2l+1) → e3nn's layout (E, C×ir₀ + C×ir₁ + ...)."""
+    blocks = x.split([ir.dim for _, ir in irreps], dim=-1)
+    return torch.cat([block.flatten(1) for block in blocks], dim=1)
+
+
+def from_irreps_layout(x: Tensor, irreps: o3.Irreps) -> Tensor:
+    """e3nn's layout (E, C×ir₀ + C×ir₁ + ...) → channel-major (E, C, Σ 2l+1)."""
+    blocks = x.split([mul * ir.dim for mul, ir in irreps], dim=-1)
+    return torch.cat(
+        [b.reshape(len(x), mul, ir.dim) for b, (mul, ir) in zip(blocks, irreps)], dim=-1
+    )
 
 
 def small_model(species=("Cu", "Ag"), **hypers):
