@@ -351,15 +351,8 @@ class ChannelTensorProduct(nn.Module):
             patterns[p, a1:b1, a2:b2, a3:b3] = wigner
             path_scales.append(ins.path_weight / math.sqrt(exact) if exact else ins.path_weight)
         self.register_buffer("patterns", patterns.to(torch.get_default_dtype()), persistent=False)
-        # the float64 master is a plain attribute (.to(float32) must not round it); the
-        # buffer the forward pass reads is recast from it whenever the module moves
+        # a plain attribute, not a buffer: .to(float32) must not round the scales
         self.path_scales = torch.tensor(path_scales, dtype=torch.float64)
-        self.register_buffer("scales", self.path_scales.to(self.patterns), persistent=False)
-
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 (nn.Module's signature)
-        module = super()._apply(fn, *args, **kwargs)
-        self.scales = self.path_scales.to(self.patterns)
-        return module
 
     def forward(self, x: Tensor, environment: Tensor, centre: Tensor) -> Tensor:
         """``x`` (E, C, D₁) edge tensors, ``environment`` (N, C, D₂) per atom, ``centre``
@@ -368,8 +361,11 @@ class ChannelTensorProduct(nn.Module):
             weight = self.tensor_product.weight.view(self.num_paths, self.channels)
         else:
             weight = self.path_weights.unsqueeze(-1).expand(self.num_paths, self.channels)
+        # a few numbers per call; a TorchScript artefact's .to() cannot recast a buffer
+        # from the float64 master (on a GPU this is a small host-to-device copy)
+        scales = self.path_scales.to(device=weight.device, dtype=weight.dtype)
         # W[u, j, (i, k)], so that the per-atom contraction over j is one batched matmul
-        coupling = torch.einsum("pu,pijk->ujik", weight * self.scales.unsqueeze(-1), self.patterns)
+        coupling = torch.einsum("pu,pijk->ujik", weight * scales.unsqueeze(-1), self.patterns)
         dim_1, dim_out = self.patterns.shape[1], self.patterns.shape[3]
         per_atom = torch.bmm(environment.transpose(0, 1), coupling.reshape(self.channels, -1, dim_1 * dim_out))
         per_atom = per_atom.transpose(0, 1).reshape(-1, self.channels, dim_1, dim_out)  # (N, C, D₁, D_out)
