@@ -4,13 +4,11 @@ atoms → `AtomicGraph` (neighbours from vesin) → architecture → `Potential`
 (scales, shifts, ZBL, forces and stress) → `PESCalculator` (ASE results).
 """
 
-import os
+from pes_calc import _allocation
 
-# PyTorch reads this once, at its first large (≥ 2 MB) CPU allocation, so it counts when
-# pes_calc is imported before any big tensor exists: large tensors on transparent huge
-# pages make the fresh per-step allocations of a force call up to 3x cheaper. Export
-# it as 0 to opt out.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# before any large tensor exists: see pes_calc/_allocation.py for why and how to opt out
+_allocation.use_huge_pages()
+_allocation.reuse_freed_memory(by_default=False)  # AOTInductor packages switch it on
 
 from pes_calc.batched import evaluate
 from pes_calc.build import build_model

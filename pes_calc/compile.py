@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pes_calc import keys
+from pes_calc import _allocation, keys
 from pes_calc.graph import AtomicGraph
 from pes_calc.io import (
     FORMAT_TAG,
@@ -59,7 +59,11 @@ COMPILED_OUTPUTS = (
 )
 
 # architecture → modules to import before running it (custom ops + their autograd)
-REQUIRED_IMPORTS: dict[str, list[str]] = {"soap_bpnn": ["sphericart.torch"]}
+REQUIRED_IMPORTS: dict[str, list[str]] = {
+    "soap_bpnn": ["sphericart.torch"],
+    "allegro": ["pes_calc.nn.gather"],
+    "nequip": ["pes_calc.nn.tensor_product"],
+}
 
 
 def enable_ForceStressOutput(model: Potential) -> Potential:  # noqa: N802 (nequip's name)
@@ -370,6 +374,8 @@ def _load_aotinductor(
             stacklevel=3,
         )
         return eager
+    if torch.device(device).type == "cpu":
+        _allocation.reuse_freed_memory(by_default=True)
     threads = metadata.get("cpu_threads")
     if threads is not None and threads != torch.get_num_threads():
         warnings.warn(

@@ -385,9 +385,19 @@ def run_worker(
     for name in ("neighbor_list_builds", "neighbor_list_reuses"):
         if hasattr(calc, name):
             record[name] = getattr(calc, name)
+    record["reuse_freed_memory"] = reuses_freed_memory()
     record["loadavg_before"] = load_before
     record["loadavg_after"] = os.getloadavg()
     return record
+
+
+def reuses_freed_memory() -> bool:
+    """Whether this process keeps freed memory for reuse: pes_calc's setting (on where
+    an AOTInductor package runs), or glibc's own variable (how the peers can be run)."""
+    allocation = sys.modules.get("pes_calc._allocation")
+    if allocation is not None and allocation.applied:
+        return True
+    return os.environ.get("MALLOC_MMAP_MAX_") == "0"
 
 
 def launch(

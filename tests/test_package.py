@@ -18,3 +18,36 @@ def test_huge_page_allocation_is_on_unless_the_user_said_otherwise(given, expect
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == expected
+
+
+FAULTS = """
+import resource, pes_calc
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+block = bytearray(200_000_000)  # malloc'd and written: 48 828 fresh 4 KiB pages
+del block
+before = faults()
+block = bytearray(200_000_000)
+print(faults() - before)
+"""
+
+
+def _page_faults_of_a_second_large_block(reuse: str | None) -> int:
+    env = {k: v for k, v in os.environ.items() if k != "PES_CALC_REUSE_FREED_MEMORY"}
+    if reuse is not None:
+        env["PES_CALC_REUSE_FREED_MEMORY"] = reuse
+    result = subprocess.run(
+        [sys.executable, "-c", FAULTS], env=env, capture_output=True, text=True, check=True
+    )
+    return int(result.stdout)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_freed_memory_is_reused_when_asked_for():
+    """Not at import by default (AOTInductor packages switch it on: test_compile)."""
+    reused = _page_faults_of_a_second_large_block("1")
+    returned = _page_faults_of_a_second_large_block(None)
+    if returned < 10_000:  # e.g. transparent huge pages for every allocation
+        pytest.skip(f"fresh pages are cheap here already ({returned} faults)")
+    assert reused < returned / 20
+    assert _page_faults_of_a_second_large_block("0") > returned / 2

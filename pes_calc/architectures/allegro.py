@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from pes_calc.build import merge_hypers
 from pes_calc.graph import AtomicGraph, number_of_atoms
+import pes_calc.nn.gather  # noqa: F401 (registers torch.ops.pes_calc.gathered_matvec)
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP, normalized_init_, readout
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
@@ -369,15 +370,15 @@ class ChannelTensorProduct(nn.Module):
         dim_1, dim_out = self.patterns.shape[1], self.patterns.shape[3]
         per_atom = torch.bmm(environment.transpose(0, 1), coupling.reshape(self.channels, -1, dim_1 * dim_out))
         per_atom = per_atom.transpose(0, 1).reshape(-1, self.channels, dim_1, dim_out)  # (N, C, D₁, D_out)
-        # each edge reads its centre's matrices (E, C, D₁, D_out): the largest tensor of
-        # the model (autograd keeps it), but one gather instead of a product per path
-        per_edge = per_atom.index_select(0, centre)
         if self.broadcast_contraction:
+            # each edge reads its centre's matrices (E, C, D₁, D_out), which autograd keeps
+            per_edge = per_atom.index_select(0, centre)
             return (x.unsqueeze(-1) * per_edge).sum(-2)
-        return torch.matmul(x.unsqueeze(-2), per_edge).squeeze(-2)
+        # the same in chunks of edges, keeping no per-edge matrices (pes_calc/nn/gather.py)
+        return torch.ops.pes_calc.gathered_matvec(x, per_atom, centre)
 
     def prepare_for_export(self) -> None:
-        """Contract by multiply-and-sum, which inductor fuses into one loop (10% faster
-        than its batched matmul of tiny matrices); eager keeps the matmul, since it
-        would materialise the (E, C, D₁, D_out) products (about 20% more peak memory)."""
+        """Contract by gather, multiply and sum, which inductor fuses into one loop (the
+        chunked operator of eager and TorchScript is Python, which a compiled package
+        cannot call)."""
         self.broadcast_contraction = True

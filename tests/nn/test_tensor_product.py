@@ -7,6 +7,7 @@ from e3nn import o3
 from pes_calc.architectures.nequip import Interaction, hidden_irreps
 from pes_calc.build import float64_default
 from pes_calc.nn.scatter import scatter_sum
+from pes_calc.nn import tensor_product
 from pes_calc.nn.tensor_product import EdgeTensorProduct
 
 
@@ -60,17 +61,54 @@ def test_matches_e3nn_tensor_product_and_scatter(irreps_in, l_max, parity):
     _assert_same_values_and_gradients(result, expected, inputs)
 
 
-@pytest.mark.parametrize("edge_chunk", [0, 1, 7, 1000])
+@pytest.mark.parametrize("edge_chunk", [None, 1, 7, 1000])
 def test_edge_chunks_do_not_change_the_result(edge_chunk):
+    """None: all edges at once with plain autograd (what prepare_for_export selects)."""
     with float64_default():
         tp = _nequip_tensor_product(o3.Irreps("3x0e+3x1o+3x2e"), 2, True)
         convolution = EdgeTensorProduct(tp)
     features, harmonics, weights, edge_index = _inputs(tp, num_nodes=6, num_edges=25)
     inputs = [t.requires_grad_(True) for t in (features, harmonics, weights)]
     expected = scatter_sum(tp(features[edge_index[1]], harmonics, weights), edge_index[0], 6)
-    convolution.edge_chunk = edge_chunk
+    if edge_chunk is None:
+        convolution.prepare_for_export()
+    else:
+        convolution.edge_chunk = edge_chunk
     result = convolution(features, harmonics, weights, edge_index)
     _assert_same_values_and_gradients(result, expected, inputs)
+
+
+def test_second_derivatives_for_training_on_forces():
+    """Training differentiates the forces: the chunked operator's backward pass
+    recomputes under create_graph, which records it (gradgradcheck: finite differences)."""
+    with float64_default():
+        tp = _nequip_tensor_product(o3.Irreps("2x0e+2x1o"), 1, True)
+        convolution = EdgeTensorProduct(tp)
+    convolution.edge_chunk = 4
+    features, harmonics, weights, edge_index = _inputs(tp, num_nodes=3, num_edges=11)
+    inputs = tuple(t.requires_grad_(True) for t in (features, harmonics, weights))
+
+    def function(*args):
+        return convolution(*args, edge_index)
+
+    assert torch.autograd.gradcheck(function, inputs)
+    assert torch.autograd.gradgradcheck(function, inputs)
+
+
+def test_operator_checks_of_torch_library():
+    with float64_default():
+        tp = _nequip_tensor_product(o3.Irreps("2x0e+2x1o"), 1, True)
+        convolution = EdgeTensorProduct(tp)
+    features, harmonics, weights, edge_index = _inputs(tp, num_nodes=3, num_edges=9)
+    block = convolution.blocks[1]  # the 2x1o input
+    path_weights = weights.reshape(9, -1, block.mul)[:, : block.num_paths]
+    args = (
+        features[:, 2:].reshape(3, block.mul, 3).transpose(1, 2).contiguous().requires_grad_(),
+        harmonics.requires_grad_(),
+        path_weights.contiguous().requires_grad_(),
+        edge_index[0], edge_index[1], block.coupling, block.group_paths, block.group_dims, 4,
+    )
+    torch.library.opcheck(tensor_product.edge_paths, args)
 
 
 def test_no_edges_gives_zeros():
