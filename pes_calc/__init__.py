@@ -8,7 +8,7 @@ from pes_calc import _allocation
 
 # before any large tensor exists: see pes_calc/_allocation.py for why and how to opt out
 _allocation.use_huge_pages()
-_allocation.reuse_freed_memory(by_default=False)  # AOTInductor packages switch it on
+_allocation.reuse_freed_memory()
 
 from pes_calc.batched import evaluate
 from pes_calc.build import build_model

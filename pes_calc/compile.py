@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pes_calc import _allocation, keys
+from pes_calc import keys
 from pes_calc.graph import AtomicGraph
 from pes_calc.io import (
     FORMAT_TAG,
@@ -374,8 +374,6 @@ def _load_aotinductor(
             stacklevel=3,
         )
         return eager
-    if torch.device(device).type == "cpu":
-        _allocation.reuse_freed_memory(by_default=True)
     threads = metadata.get("cpu_threads")
     if threads is not None and threads != torch.get_num_threads():
         warnings.warn(

@@ -9,8 +9,6 @@ must fall back to eager.
 
 from __future__ import annotations
 
-import sys
-
 import ase
 import ase.build
 import numpy as np
@@ -19,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from helpers import emt_structures
 
-from pes_calc import PESCalculator, _allocation, build_model, evaluate, keys, save_model
+from pes_calc import PESCalculator, build_model, evaluate, keys, save_model
 from pes_calc import compile as compile_module
 from pes_calc.cli import main
 from pes_calc.compile import (
@@ -93,19 +91,6 @@ def test_package_holds_its_metadata(package, llpr):
     ]
     loaded, _ = load_artefact(package)
     assert isinstance(loaded, AOTInductorPotential)
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
-@pytest.mark.parametrize("told, expected", [("0", False), (None, True)])
-def test_a_cpu_package_reuses_freed_memory_unless_told_not_to(
-    package, monkeypatch, told, expected
-):
-    monkeypatch.setattr(_allocation, "applied", False)
-    monkeypatch.delenv(_allocation.REUSE_FREED_MEMORY, raising=False)
-    if told is not None:
-        monkeypatch.setenv(_allocation.REUSE_FREED_MEMORY, told)
-    load_artefact(package)
-    assert _allocation.applied is expected
 
 
 @pytest.mark.parametrize("index", range(4))
