@@ -879,6 +879,17 @@ def report(meta: dict, records: list[dict], systems: Sequence[str]) -> str:
     return "\n".join(text)
 
 
+def merge_records(records: list[dict], newer: list[dict]) -> list[dict]:
+    """``records`` with ``newer`` added; a newer record of the same (code,
+    architecture, artefact, system) takes the older one's place."""
+    def key(record: dict) -> tuple:
+        return tuple(record.get(k) for k in ("code", "architecture", "artefact", "system"))
+
+    replacements = {key(r): r for r in newer}
+    merged = [replacements.pop(key(r), r) for r in records]
+    return merged + [r for r in newer if key(r) in replacements]
+
+
 def rewrite_readme(block: str) -> None:
     """Replace the text between the BENCHMARK markers of README.md by ``block``."""
     text = README.read_text()
@@ -941,7 +952,8 @@ def main() -> None:
         type=Path,
         nargs="+",
         default=[],
-        help="add the records of earlier --json files (e.g. a 16384-atom run)",
+        help="add the records of earlier --json files (e.g. a 16384-atom run); a later "
+        "file's record of the same code, model, artefact and system replaces an earlier one",
     )
     parser.add_argument("--readme", action="store_true", help="rewrite README's block")
     parser.add_argument(
@@ -964,7 +976,7 @@ def main() -> None:
     }
     records: list[dict] = []
     for earlier in args.merge:
-        records += json.loads(earlier.read_text())["records"]
+        records = merge_records(records, json.loads(earlier.read_text())["records"])
     if args.report_only:
         if not args.merge:
             raise SystemExit("--report-only needs --merge FILE")
