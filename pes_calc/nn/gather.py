@@ -26,9 +26,11 @@ def gathered_matvec(vectors: Tensor, matrices: Tensor, index: Tensor) -> Tensor:
     num_edges = vectors.shape[0]
     out = vectors.new_empty(vectors.shape[:-1] + matrices.shape[-1:])
     for start in range(0, num_edges, EDGE_CHUNK):
-        rows = index[start:start + EDGE_CHUNK]
-        product = vectors[start:start + EDGE_CHUNK].unsqueeze(-2) @ matrices.index_select(0, rows)
-        out[start:start + EDGE_CHUNK] = product.squeeze(-2)
+        rows = index[start : start + EDGE_CHUNK]
+        product = vectors[start : start + EDGE_CHUNK].unsqueeze(
+            -2
+        ) @ matrices.index_select(0, rows)
+        out[start : start + EDGE_CHUNK] = product.squeeze(-2)
     return out
 
 
@@ -38,7 +40,9 @@ def _(vectors: Tensor, matrices: Tensor, index: Tensor) -> Tensor:
 
 
 @torch.library.custom_op("pes_calc::scattered_outer", mutates_args=())
-def scattered_outer(left: Tensor, right: Tensor, index: Tensor, num_rows: int) -> Tensor:
+def scattered_outer(
+    left: Tensor, right: Tensor, index: Tensor, num_rows: int
+) -> Tensor:
     """Σ over edges e with ``index[e] = n`` of the outer products left[e] ⊗ right[e]:
     (E, ..., D₁), (E, ..., D₂) → (num_rows, ..., D₁, D₂)."""
     num_edges = left.shape[0]

@@ -76,12 +76,17 @@ def edge_paths(
     degree, from (N, 2l₁+1, u) features: edges in chunks, nothing per edge kept."""
     num_nodes, mul = features.shape[0], features.shape[2]
     aggregated = [
-        features.new_zeros(num_nodes, p, d, mul) for p, d in zip(group_paths, group_dims)
+        features.new_zeros(num_nodes, p, d, mul)
+        for p, d in zip(group_paths, group_dims)
     ]
     for a, b in _chunks(centres.shape[0], edge_chunk):
         messages = _path_messages(
-            features.index_select(0, neighbours[a:b]), harmonics[a:b], path_weights[a:b],
-            coupling, group_paths, group_dims,
+            features.index_select(0, neighbours[a:b]),
+            harmonics[a:b],
+            path_weights[a:b],
+            coupling,
+            group_paths,
+            group_dims,
         )
         for total, part in zip(aggregated, messages):
             total.index_add_(0, centres[a:b], part)
@@ -89,9 +94,22 @@ def edge_paths(
 
 
 @edge_paths.register_fake
-def _(features, harmonics, path_weights, centres, neighbours, coupling, group_paths, group_dims, edge_chunk):  # noqa: ANN001, ANN202
+def _(
+    features,
+    harmonics,
+    path_weights,
+    centres,
+    neighbours,
+    coupling,
+    group_paths,
+    group_dims,
+    edge_chunk,
+):  # noqa: ANN001, ANN202
     num_nodes, mul = features.shape[0], features.shape[2]
-    return [features.new_empty(num_nodes, p, d, mul) for p, d in zip(group_paths, group_dims)]
+    return [
+        features.new_empty(num_nodes, p, d, mul)
+        for p, d in zip(group_paths, group_dims)
+    ]
 
 
 def _keep_for_recomputation(ctx, inputs, output) -> None:  # noqa: ANN001
@@ -111,7 +129,11 @@ def _edge_paths_backward(ctx, grads: List[Optional[Tensor]]):  # noqa: ANN001, A
     grad_weights: List[Tensor] = []
     for a, b in _chunks(centres.shape[0], edge_chunk):
         with torch.enable_grad():
-            inputs = [features.index_select(0, neighbours[a:b]), harmonics[a:b], path_weights[a:b]]
+            inputs = [
+                features.index_select(0, neighbours[a:b]),
+                harmonics[a:b],
+                path_weights[a:b],
+            ]
             if not create_graph:
                 inputs = [x.detach().requires_grad_() for x in inputs]
             else:
@@ -123,18 +145,33 @@ def _edge_paths_backward(ctx, grads: List[Optional[Tensor]]):  # noqa: ANN001, A
                 outputs, inputs, upstream, create_graph=create_graph, allow_unused=True
             )
         grad_x = torch.zeros_like(inputs[0]) if grad_x is None else grad_x
-        grad_features = grad_features.index_add(0, neighbours[a:b], grad_x)
+        if create_graph:  # out of place, so that autograd can record it
+            grad_features = grad_features.index_add(0, neighbours[a:b], grad_x)
+        else:
+            grad_features.index_add_(0, neighbours[a:b], grad_x)
         grad_harmonics.append(torch.zeros_like(inputs[1]) if grad_h is None else grad_h)
         grad_weights.append(torch.zeros_like(inputs[2]) if grad_w is None else grad_w)
     if not grad_harmonics:  # no edges
-        grad_harmonics, grad_weights = [torch.zeros_like(harmonics)], [torch.zeros_like(path_weights)]
+        grad_harmonics, grad_weights = (
+            [torch.zeros_like(harmonics)],
+            [torch.zeros_like(path_weights)],
+        )
     return (
-        grad_features, torch.cat(grad_harmonics), torch.cat(grad_weights),
-        None, None, None, None, None, None,
+        grad_features,
+        torch.cat(grad_harmonics),
+        torch.cat(grad_weights),
+        None,
+        None,
+        None,
+        None,
+        None,
+        None,
     )
 
 
-edge_paths.register_autograd(_edge_paths_backward, setup_context=_keep_for_recomputation)
+edge_paths.register_autograd(
+    _edge_paths_backward, setup_context=_keep_for_recomputation
+)
 
 
 class _InputIrrepPaths(nn.Module):
@@ -161,12 +198,19 @@ class EdgeTensorProduct(nn.Module):
         super().__init__()
         tp = tensor_product
         if any(mul != 1 for mul, _ in tp.irreps_in2):
-            raise ValueError("EdgeTensorProduct needs multiplicity 1 for the second input")
-        if any(ins.connection_mode != "uvu" or not ins.has_weight for ins in tp.instructions):
+            raise ValueError(
+                "EdgeTensorProduct needs multiplicity 1 for the second input"
+            )
+        if any(
+            ins.connection_mode != "uvu" or not ins.has_weight
+            for ins in tp.instructions
+        ):
             raise ValueError("EdgeTensorProduct supports only weighted 'uvu' paths")
         outputs = [ins.i_out for ins in tp.instructions]
         if len(set(outputs)) != len(outputs) or len(outputs) != len(tp.irreps_out):
-            raise ValueError("EdgeTensorProduct needs exactly one path per output irrep")
+            raise ValueError(
+                "EdgeTensorProduct needs exactly one path per output irrep"
+            )
         sh_slices = tp.irreps_in2.slices()
 
         muls = {mul for mul, _ in tp.irreps_out}
@@ -174,33 +218,49 @@ class EdgeTensorProduct(nn.Module):
             raise ValueError("EdgeTensorProduct needs one multiplicity for all paths")
         blocks = []
         block_inputs: List[int] = []
-        path_order: List[int] = []  # e3nn's path index, block by block and group by group
+        path_order: List[
+            int
+        ] = []  # e3nn's path index, block by block and group by group
         # (block, group, path within group) of each output irrep, in output order
         locations: List[Tuple[int, int, int]] = [(0, 0, 0)] * len(tp.irreps_out)
         for i1, (mul, ir1) in enumerate(tp.irreps_in1):
-            paths = [(k, ins) for k, ins in enumerate(tp.instructions) if ins.i_in1 == i1]
+            paths = [
+                (k, ins) for k, ins in enumerate(tp.instructions) if ins.i_in1 == i1
+            ]
             if not paths:
                 continue
             degrees = sorted({tp.irreps_out[ins.i_out].ir.l for _, ins in paths})
             groups: List[Tuple[int, int]] = []
             rows: List[Tensor] = []
             for group, l3 in enumerate(degrees):
-                in_group = [(k, ins) for k, ins in paths if tp.irreps_out[ins.i_out].ir.l == l3]
+                in_group = [
+                    (k, ins) for k, ins in paths if tp.irreps_out[ins.i_out].ir.l == l3
+                ]
                 groups.append((len(in_group), 2 * l3 + 1))
                 # (sh, p, 2l₃+1, 2l₁+1), so the products come out as (p, 2l₃+1, u)
                 block = torch.zeros(
-                    tp.irreps_in2.dim, len(in_group), 2 * l3 + 1, ir1.dim, dtype=torch.float64
+                    tp.irreps_in2.dim,
+                    len(in_group),
+                    2 * l3 + 1,
+                    ir1.dim,
+                    dtype=torch.float64,
                 )
                 for p, (k, ins) in enumerate(in_group):
                     l2 = tp.irreps_in2[ins.i_in2].ir.l
-                    w3j = o3.wigner_3j(ir1.l, l2, l3, dtype=torch.float64)  # (m1, m2, m3)
-                    block[sh_slices[ins.i_in2], p] = ins.path_weight * w3j.permute(1, 2, 0)
+                    w3j = o3.wigner_3j(
+                        ir1.l, l2, l3, dtype=torch.float64
+                    )  # (m1, m2, m3)
+                    block[sh_slices[ins.i_in2], p] = ins.path_weight * w3j.permute(
+                        1, 2, 0
+                    )
                     path_order.append(k)
                     locations[ins.i_out] = (len(blocks), group, p)
                 rows.append(block.reshape(tp.irreps_in2.dim, -1))
             coupling = torch.cat(rows, dim=1)
             blocks.append(
-                _InputIrrepPaths(coupling.to(torch.get_default_dtype()), mul, ir1.dim, groups)
+                _InputIrrepPaths(
+                    coupling.to(torch.get_default_dtype()), mul, ir1.dim, groups
+                )
             )
             block_inputs.append(i1)
         self.blocks = nn.ModuleList(blocks)
@@ -235,29 +295,48 @@ class EdgeTensorProduct(nn.Module):
         num_edges = edge_index.shape[1]
         # (E, P, u) in block order: one gather here, none per block
         weights = weights.reshape(num_edges, self.num_paths, self.mul)
-        block_weights = weights.index_select(1, self.path_order).split(self.block_paths, dim=1)
+        block_weights = weights.index_select(1, self.path_order).split(
+            self.block_paths, dim=1
+        )
         inputs = node_features.split(self.input_dims, dim=1)
         centres, neighbours = edge_index[0], edge_index[1]
         aggregated: List[List[Tensor]] = []
         for k, block in enumerate(self.blocks):
             # (N, 2l₁+1, u): channels innermost, as in the products
-            features = inputs[self.block_inputs[k]].reshape(num_nodes, block.mul, block.ir_dim)
+            features = inputs[self.block_inputs[k]].reshape(
+                num_nodes, block.mul, block.ir_dim
+            )
             features = features.transpose(1, 2).contiguous()
             if self.chunked:
                 aggregated.append(
                     torch.ops.pes_calc.edge_paths(
-                        features, harmonics, block_weights[k], centres, neighbours,
-                        block.coupling, block.group_paths, block.group_dims, self.edge_chunk,
+                        features,
+                        harmonics,
+                        block_weights[k],
+                        centres,
+                        neighbours,
+                        block.coupling,
+                        block.group_paths,
+                        block.group_dims,
+                        self.edge_chunk,
                     )
                 )
             else:
                 messages = _path_messages(
-                    features.index_select(0, neighbours), harmonics, block_weights[k],
-                    block.coupling, block.group_paths, block.group_dims,
+                    features.index_select(0, neighbours),
+                    harmonics,
+                    block_weights[k],
+                    block.coupling,
+                    block.group_paths,
+                    block.group_dims,
                 )
-                aggregated.append([scatter_sum(m, centres, num_nodes) for m in messages])
+                aggregated.append(
+                    [scatter_sum(m, centres, num_nodes) for m in messages]
+                )
         # node-level rearrangement into e3nn's layout: (N, u, 2l+1) per output irrep
         pieces: List[Tensor] = []
         for k, group, path in self.locations:
-            pieces.append(aggregated[k][group][:, path].transpose(1, 2).reshape(num_nodes, -1))
+            pieces.append(
+                aggregated[k][group][:, path].transpose(1, 2).reshape(num_nodes, -1)
+            )
         return torch.cat(pieces, dim=1)

@@ -22,7 +22,9 @@ def _inputs(num_edges: int = 30, num_rows: int = 5, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
 
     def normal(*shape):
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).requires_grad_()
+        return torch.randn(
+            *shape, generator=generator, dtype=torch.float64
+        ).requires_grad_()
 
     vectors, right = normal(num_edges, 3, 4), normal(num_edges, 3, 6)
     matrices = normal(num_rows, 3, 4, 6)
@@ -55,9 +57,15 @@ def test_first_and_second_derivatives_against_finite_differences(operator):
     """Second derivatives too: training differentiates the forces."""
     vectors, right, matrices, index = _inputs(num_edges=9, num_rows=3)
     if operator == "matvec":
-        inputs, function = (vectors, matrices), lambda v, m: gathered_matvec(v, m, index)
+        inputs, function = (
+            (vectors, matrices),
+            lambda v, m: gathered_matvec(v, m, index),
+        )
     else:
-        inputs, function = (vectors, right), lambda v, r: scattered_outer(v, r, index, 3)
+        inputs, function = (
+            (vectors, right),
+            lambda v, r: scattered_outer(v, r, index, 3),
+        )
     assert torch.autograd.gradcheck(function, inputs)
     assert torch.autograd.gradgradcheck(function, inputs)
 
@@ -84,7 +92,9 @@ def test_torchscript_calls_them_with_their_derivatives():
     result = scripted(vectors, matrices, index)
     torch.testing.assert_close(result, gathered_matvec(vectors, matrices, index))
     grads = torch.autograd.grad(result.sum(), (vectors, matrices))
-    expected = torch.autograd.grad(gathered_matvec(vectors, matrices, index).sum(), (vectors, matrices))
+    expected = torch.autograd.grad(
+        gathered_matvec(vectors, matrices, index).sum(), (vectors, matrices)
+    )
     for g, w in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, w)
 
@@ -95,9 +105,15 @@ def test_an_allegro_torchscript_artefact_loads_in_a_fresh_process(tmp_path):
     from pes_calc.compile import compile_model
 
     model = build_model(
-        "allegro", ["Cu"], seed=0, l_max=1, num_layers=1,
-        num_scalar_features=4, num_tensor_features=2,
-        allegro_mlp_hidden_layers_depth=1, allegro_mlp_hidden_layers_width=8,
+        "allegro",
+        ["Cu"],
+        seed=0,
+        l_max=1,
+        num_layers=1,
+        num_scalar_features=4,
+        num_tensor_features=2,
+        allegro_mlp_hidden_layers_depth=1,
+        allegro_mlp_hidden_layers_width=8,
     )
     path = tmp_path / "allegro.pt"
     compile_model(model, path)
@@ -116,7 +132,10 @@ def test_an_allegro_torchscript_artefact_loads_in_a_fresh_process(tmp_path):
         """
     )
     result = subprocess.run(
-        [sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", code, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])

@@ -6,23 +6,31 @@ from e3nn import o3
 
 from pes_calc.architectures.nequip import Interaction, hidden_irreps
 from pes_calc.build import float64_default
-from pes_calc.nn.scatter import scatter_sum
 from pes_calc.nn import tensor_product
+from pes_calc.nn.scatter import scatter_sum
 from pes_calc.nn.tensor_product import EdgeTensorProduct
 
 
-def _nequip_tensor_product(irreps_in: o3.Irreps, l_max: int, parity: bool) -> o3.TensorProduct:
+def _nequip_tensor_product(
+    irreps_in: o3.Irreps, l_max: int, parity: bool
+) -> o3.TensorProduct:
     sh = o3.Irreps.spherical_harmonics(l_max)
-    layer = Interaction(irreps_in, sh, hidden_irreps(3, l_max, parity), 2, 4, 1, 4, True)
+    layer = Interaction(
+        irreps_in, sh, hidden_irreps(3, l_max, parity), 2, 4, 1, 4, True
+    )
     return layer.tensor_product
 
 
 def _inputs(tp: o3.TensorProduct, num_nodes: int, num_edges: int, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(num_nodes, tp.irreps_in1.dim, generator=generator, dtype=torch.float64)
+    features = torch.randn(
+        num_nodes, tp.irreps_in1.dim, generator=generator, dtype=torch.float64
+    )
     vectors = torch.randn(num_edges, 3, generator=generator, dtype=torch.float64)
     harmonics = o3.spherical_harmonics(tp.irreps_in2, vectors, normalize=True)
-    weights = torch.randn(num_edges, tp.weight_numel, generator=generator, dtype=torch.float64)
+    weights = torch.randn(
+        num_edges, tp.weight_numel, generator=generator, dtype=torch.float64
+    )
     edge_index = torch.randint(0, num_nodes, (2, num_edges), generator=generator)
     return features, harmonics, weights, edge_index
 
@@ -54,7 +62,9 @@ def test_matches_e3nn_tensor_product_and_scatter(irreps_in, l_max, parity):
     features, harmonics, weights, edge_index = _inputs(tp, num_nodes=6, num_edges=25)
     inputs = [t.requires_grad_(True) for t in (features, harmonics, weights)]
 
-    expected = scatter_sum(tp(features[edge_index[1]], harmonics, weights), edge_index[0], 6)
+    expected = scatter_sum(
+        tp(features[edge_index[1]], harmonics, weights), edge_index[0], 6
+    )
     result = convolution(features, harmonics, weights, edge_index)
     assert result.shape == expected.shape == (6, tp.irreps_out.dim)
     assert expected.abs().max() > 0.5
@@ -69,7 +79,9 @@ def test_edge_chunks_do_not_change_the_result(edge_chunk):
         convolution = EdgeTensorProduct(tp)
     features, harmonics, weights, edge_index = _inputs(tp, num_nodes=6, num_edges=25)
     inputs = [t.requires_grad_(True) for t in (features, harmonics, weights)]
-    expected = scatter_sum(tp(features[edge_index[1]], harmonics, weights), edge_index[0], 6)
+    expected = scatter_sum(
+        tp(features[edge_index[1]], harmonics, weights), edge_index[0], 6
+    )
     if edge_chunk is None:
         convolution.prepare_for_export()
     else:
@@ -103,10 +115,19 @@ def test_operator_checks_of_torch_library():
     block = convolution.blocks[1]  # the 2x1o input
     path_weights = weights.reshape(9, -1, block.mul)[:, : block.num_paths]
     args = (
-        features[:, 2:].reshape(3, block.mul, 3).transpose(1, 2).contiguous().requires_grad_(),
+        features[:, 2:]
+        .reshape(3, block.mul, 3)
+        .transpose(1, 2)
+        .contiguous()
+        .requires_grad_(),
         harmonics.requires_grad_(),
         path_weights.contiguous().requires_grad_(),
-        edge_index[0], edge_index[1], block.coupling, block.group_paths, block.group_dims, 4,
+        edge_index[0],
+        edge_index[1],
+        block.coupling,
+        block.group_paths,
+        block.group_dims,
+        4,
     )
     torch.library.opcheck(tensor_product.edge_paths, args)
 
@@ -115,7 +136,9 @@ def test_no_edges_gives_zeros():
     tp = _nequip_tensor_product(o3.Irreps("3x0e+3x1o"), 1, True)
     convolution = EdgeTensorProduct(tp)
     features, harmonics, weights, edge_index = _inputs(tp, num_nodes=4, num_edges=0)
-    result = convolution(features.float(), harmonics.float(), weights.float(), edge_index)
+    result = convolution(
+        features.float(), harmonics.float(), weights.float(), edge_index
+    )
     assert result.shape == (4, tp.irreps_out.dim)
     assert not result.any()
 
@@ -132,10 +155,17 @@ def test_torchscript_matches_eager():
 @pytest.mark.parametrize(
     "tp, message",
     [
-        (o3.FullyConnectedTensorProduct("2x0e+2x1o", "1x0e+1x1o", "2x0e+2x1o"), "'uvu'"),
+        (
+            o3.FullyConnectedTensorProduct("2x0e+2x1o", "1x0e+1x1o", "2x0e+2x1o"),
+            "'uvu'",
+        ),
         (
             o3.TensorProduct(
-                "2x0e", "2x1o", "2x1o", [(0, 0, 0, "uvu", True)], internal_weights=False,
+                "2x0e",
+                "2x1o",
+                "2x1o",
+                [(0, 0, 0, "uvu", True)],
+                internal_weights=False,
                 shared_weights=False,
             ),
             "multiplicity 1",
