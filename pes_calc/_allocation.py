@@ -35,8 +35,9 @@ def reuse_freed_memory() -> bool:
 
     What a force call frees is reused by the next one, as with jemalloc or tcmalloc,
     and the process keeps its peak memory mapped instead of returning it. The cost is
-    fragmentation: peak memory 1.1-1.5x higher (Allegro eager at 16384 Cu atoms: 12.0
-    instead of 8.1 GB, for 14.8 instead of 25.4 s per call). Returns whether the
+    fragmentation: peak memory 1.5-2.5x higher for eager and TorchScript models,
+    1.0-1.9x for AOTInductor packages (Allegro eager at 16384 Cu atoms: 12-16 instead
+    of 8.1 GB, for 14 instead of 25 s per call; README, Speed). Returns whether the
     setting is in effect.
     """
     global applied

@@ -9,6 +9,10 @@ must fall back to eager.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
 import ase
 import ase.build
 import numpy as np
@@ -228,6 +232,46 @@ def test_package_records_its_threads_and_warns_when_run_with_others(package, llp
         torch.set_num_threads(threads)
     # still the compiled code, only slower than it could be
     assert isinstance(calc.model, AOTInductorPotential)
+
+
+# a process that imports pes_calc (not its architectures) and runs a TorchScript file
+FRESH_PROCESS = """
+import json, sys
+import ase.build
+import pes_calc
+
+imported_before = sys.argv[2] in sys.modules
+atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+atoms.rattle(0.1, seed=1)
+atoms.calc = pes_calc.PESCalculator(sys.argv[1], device="cpu")
+force = float(abs(atoms.get_forces()).max())
+print(json.dumps({"before": imported_before, "force": force}))
+"""
+
+
+@pytest.mark.parametrize(
+    "architecture, hypers",
+    [
+        ("nequip", {"l_max": 1, "num_layers": 1, "num_features": 4}),
+        ("allegro", {"l_max": 1, "num_layers": 1, "num_tensor_features": 2}),
+    ],
+)
+def test_torchscript_files_with_our_operators_load_in_a_fresh_process(
+    architecture, hypers, tmp_path
+):
+    """The calculator imports the module that registers the architecture's
+    torch.ops.pes_calc operators (REQUIRED_IMPORTS) before loading the file."""
+    (module,) = compile_module.REQUIRED_IMPORTS[architecture]
+    path = tmp_path / f"{architecture}.pt"
+    compile_model(build_model(architecture, ["Cu"], seed=0, **hypers), path)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(path), module],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert not report["before"]  # so the calculator did the import
+    assert report["force"] > 0
 
 
 @pytest.mark.parametrize(

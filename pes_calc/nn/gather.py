@@ -26,11 +26,9 @@ def gathered_matvec(vectors: Tensor, matrices: Tensor, index: Tensor) -> Tensor:
     num_edges = vectors.shape[0]
     out = vectors.new_empty(vectors.shape[:-1] + matrices.shape[-1:])
     for start in range(0, num_edges, EDGE_CHUNK):
-        rows = index[start : start + EDGE_CHUNK]
-        product = vectors[start : start + EDGE_CHUNK].unsqueeze(
-            -2
-        ) @ matrices.index_select(0, rows)
-        out[start : start + EDGE_CHUNK] = product.squeeze(-2)
+        chunk = slice(start, start + EDGE_CHUNK)
+        gathered = matrices.index_select(0, index[chunk])
+        out[chunk] = (vectors[chunk].unsqueeze(-2) @ gathered).squeeze(-2)
     return out
 
 

@@ -218,9 +218,8 @@ class EdgeTensorProduct(nn.Module):
             raise ValueError("EdgeTensorProduct needs one multiplicity for all paths")
         blocks = []
         block_inputs: List[int] = []
-        path_order: List[
-            int
-        ] = []  # e3nn's path index, block by block and group by group
+        # e3nn's path index of each path, block by block and group by group
+        path_order: List[int] = []
         # (block, group, path within group) of each output irrep, in output order
         locations: List[Tuple[int, int, int]] = [(0, 0, 0)] * len(tp.irreps_out)
         for i1, (mul, ir1) in enumerate(tp.irreps_in1):
@@ -247,12 +246,10 @@ class EdgeTensorProduct(nn.Module):
                 )
                 for p, (k, ins) in enumerate(in_group):
                     l2 = tp.irreps_in2[ins.i_in2].ir.l
-                    w3j = o3.wigner_3j(
-                        ir1.l, l2, l3, dtype=torch.float64
-                    )  # (m1, m2, m3)
-                    block[sh_slices[ins.i_in2], p] = ins.path_weight * w3j.permute(
-                        1, 2, 0
-                    )
+                    # (m1, m2, m3) → (m2, m3, m1)
+                    w3j = o3.wigner_3j(ir1.l, l2, l3, dtype=torch.float64)
+                    w3j = w3j.permute(1, 2, 0)
+                    block[sh_slices[ins.i_in2], p] = ins.path_weight * w3j
                     path_order.append(k)
                     locations[ins.i_out] = (len(blocks), group, p)
                 rows.append(block.reshape(tp.irreps_in2.dim, -1))

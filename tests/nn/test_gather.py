@@ -1,10 +1,5 @@
 """gathered_matvec and scattered_outer against their plain gather/scatter forms."""
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 
@@ -97,47 +92,3 @@ def test_torchscript_calls_them_with_their_derivatives():
     )
     for g, w in zip(grads, expected, strict=True):
         torch.testing.assert_close(g, w)
-
-
-def test_an_allegro_torchscript_artefact_loads_in_a_fresh_process(tmp_path):
-    """The calculator imports the operators' module (compile.REQUIRED_IMPORTS)."""
-    from pes_calc import build_model
-    from pes_calc.compile import compile_model
-
-    model = build_model(
-        "allegro",
-        ["Cu"],
-        seed=0,
-        l_max=1,
-        num_layers=1,
-        num_scalar_features=4,
-        num_tensor_features=2,
-        allegro_mlp_hidden_layers_depth=1,
-        allegro_mlp_hidden_layers_width=8,
-    )
-    path = tmp_path / "allegro.pt"
-    compile_model(model, path)
-    code = textwrap.dedent(
-        """
-        import json, sys
-        import ase.build
-        import pes_calc
-
-        imported_before = "pes_calc.nn.gather" in sys.modules
-        atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
-        atoms.rattle(0.1, seed=1)
-        atoms.calc = pes_calc.PESCalculator(sys.argv[1], device="cpu")
-        forces = atoms.get_forces()
-        print(json.dumps({"before": imported_before, "force": float(abs(forces).max())}))
-        """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not report["before"]
-    assert report["force"] > 0
