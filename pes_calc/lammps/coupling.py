@@ -1,0 +1,401 @@
+"""`LammpsCoupling`: the ``fix external`` callback that runs a pes_calc model on
+every MPI rank, each step.
+
+Per step and rank: LAMMPS's local + ghost positions → the rank's graph (see
+`pes_calc.lammps.domain`) → the model → forces on local atoms, plus the forces on
+ghost atoms sent to their owners (`pes_calc.lammps.exchange`); the energy, the
+virial and per-atom energies (and LLPR per-atom energy uncertainties) go back to
+LAMMPS. The rank's energy is the sum of its local atoms' energies, so the ranks'
+forces, energies and virials add up to those of the whole box.
+
+Exact for any rank count: the ghost shell LAMMPS communicates is the model's
+receptive field (``cutoff`` × message-passing layers) plus LAMMPS's neighbour skin,
+and the graph keeps the edges whose centres can reach a local atom's energy.
+Strictly local models (one layer: SOAP-BPNN, Allegro) give every artefact's own
+forces; message passing across ranks (NequIP) differentiates the local atoms'
+energies alone, with the eager or TorchScript model.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import ase
+import ase.io
+import numpy as np
+import torch
+
+from pes_calc import keys
+from pes_calc.calculator import PESCalculator
+from pes_calc.graph import AtomicGraph, edge_vectors
+from pes_calc.lammps.domain import Box, GhostSelection, fractional, read_box, select_ghosts
+from pes_calc.lammps.exchange import ReverseExchange
+from pes_calc.neighbors import check_geometry, neighbor_list, neighbor_list_torch
+
+ERROR_VARIABLE = "pes_calc_error"
+UNCERTAIN_VARIABLE = "pes_calc_uncertain"
+UNCERTAINTY_PROPERTY = "energy_uncertainty"
+
+
+def receptive_layers(metadata: dict[str, Any]) -> int:
+    """How many cutoffs away an atom's energy can feel another atom."""
+    if metadata.get("architecture") == "nequip":
+        return int(metadata["model"]["num_layers"])
+    long_range = (metadata.get("model") or {}).get("long_range") or {}
+    if long_range.get("enable"):
+        raise NotImplementedError(
+            "long-range (Ewald/PME) SOAP-BPNN models need the whole box on every "
+            "rank; LAMMPS domain decomposition cannot run them exactly"
+        )
+    return 1
+
+
+class LammpsCoupling:
+    """A pes_calc model as the forces of one LAMMPS ``fix external``.
+
+    Made by `pes_calc.lammps.attach`; LAMMPS calls it with
+    ``(caller, step, nlocal, tags, x, fext)`` on every rank.
+
+    Attributes
+    ----------
+    steps
+        Force calls so far on this rank.
+    seconds
+        Wall time spent in them (model, graph, communication).
+    neighbor_list_builds
+        Neighbour lists built on this rank (LAMMPS re-neighbourings or moves past
+        half the skin).
+    error
+        The message that stopped the run, or None.
+    stopped_uncertain
+        ``(step, max per-atom energy uncertainty in eV)`` if ``max_uncertainty``
+        stopped the run.
+    """
+
+    def __init__(
+        self, lmp: Any, calculator: PESCalculator, types: list[str], fix: str,
+        comm: Any, neighbor_skin: float, max_uncertainty: float | None = None,
+        record_to: str | Path | None = None,
+    ):
+        self.lmp = lmp
+        self.calculator = calculator
+        self.fix = fix
+        self.comm = comm
+        self.layers = receptive_layers(calculator.metadata)
+        self.cutoff = calculator.cutoff
+        self.skin = calculator.skin
+        self.neighbor_skin = float(neighbor_skin)
+        self.max_uncertainty = max_uncertainty
+        self.record_to = None if record_to is None else Path(record_to)
+        # LAMMPS type t (from 1) → the model's species index
+        self.type_to_species = np.array(
+            [-1] + [calculator.species.index(symbol) for symbol in types], dtype=np.int64
+        )
+        self.types = list(types)
+        self.exchange = ReverseExchange(comm)
+        self.steps = 0
+        self.seconds = 0.0
+        self.neighbor_list_builds = 0
+        self.error: str | None = None
+        self.stopped_uncertain: tuple[int, float] | None = None
+        self._selection: GhostSelection | None = None
+        self._counts: tuple[int, int] = (-1, -1)
+        self._graph: dict[str, Any] | None = None
+        self._reneighboured_at: np.ndarray | None = None
+        self._warned_eager = False
+
+    # -- the callback ------------------------------------------------------------
+
+    def __call__(self, caller: Any, step: int, nlocal: int, tags: Any, x: Any, fext: np.ndarray) -> None:
+        start = time.perf_counter()
+        lmp = self.lmp
+        nall = nlocal + lmp.extract_setting("nghost")
+        positions = lmp.numpy.extract_atom("x", nelem=nall, dim=3)
+        all_tags = lmp.numpy.extract_atom("id", nelem=nall).astype(np.int64)
+        self._box = read_box(lmp)  # every step: fix npt and deform change it
+        changed = lmp.extract_setting("neigh_ago") == 0 or (nlocal, nall) != self._counts
+        if self._any_rank(changed):
+            self._replan(positions, all_tags, nlocal)
+            self._counts = (nlocal, nall)
+
+        problem: str | None = None
+        if self.exchange.unowned:
+            problem = f"{self.exchange.unowned} ghost atoms have no owner on any rank"
+        forces = np.zeros((nlocal, 3))
+        energies = np.zeros(nlocal)
+        uncertainties = np.zeros(nlocal)
+        virial = np.zeros(6)
+        remote = np.zeros((self._num_remote, 3))
+        displacement = 0.0
+        if not problem:
+            try:
+                displacement = self._displacement(positions, nlocal)
+                forces, energies, uncertainties, virial, remote = self._evaluate(positions, nlocal)
+            except Exception as error:  # every rank must still reach the collectives
+                problem = f"{type(error).__name__}: {error}"
+        self.exchange.send(remote, forces)
+
+        reports = np.array(self.comm.allgather(
+            [float(energies.sum()), float(bool(problem)), float(uncertainties.max(initial=0.0)), displacement, *virial]
+        ))
+        if reports[:, 3].max() > 0.5 * self.neighbor_skin and not reports[:, 1].any():
+            problem = (
+                f"an atom moved {reports[:, 3].max():.3g} Å since LAMMPS last rebuilt its "
+                f"ghost atoms, more than half the neighbour skin pes_calc was given "
+                f"({self.neighbor_skin} Å): ghost atoms may be missing. Give pes-calc "
+                "lammps --neighbor-skin the skin of the input's `neighbor` command, or "
+                "let LAMMPS check distances (neigh_modify check yes)"
+            )
+            reports[self.comm.rank, 1] = 1.0
+        if reports[:, 1].any():
+            self._stop_with_error(step, problem or None, fext)
+        else:
+            fext[:nlocal] = forces
+            # LAMMPS adds a fix's energy and virial after its sum over ranks: totals
+            lmp.fix_external_set_energy_global(self.fix, float(reports[:, 0].sum()))
+            lmp.fix_external_set_virial_global(self.fix, reports[:, 4:].sum(axis=0).tolist())
+            lmp.numpy.fix_external_set_energy_peratom(self.fix, energies)
+            if self.calculator.is_llpr:
+                lmp.numpy.extract_atom(f"d_{UNCERTAINTY_PROPERTY}", nelem=nlocal)[:] = uncertainties
+                largest = float(reports[:, 2].max())
+                if self.max_uncertainty is not None and not largest <= self.max_uncertainty:
+                    self._stop_uncertain(step, largest, positions[:nlocal], all_tags[:nlocal])
+        self.steps += 1
+        self.seconds += time.perf_counter() - start
+
+    def _any_rank(self, flag: bool) -> bool:
+        """True on every rank if ``flag`` is True on any. Collective."""
+        return any(self.comm.allgather(bool(flag)))
+
+    # -- ghosts and graph ----------------------------------------------------------
+
+    def _replan(self, positions: np.ndarray, tags: np.ndarray, nlocal: int) -> None:
+        """New ghosts after a LAMMPS re-neighbouring: select them, plan the exchange."""
+        units = self.lmp.extract_global("units")
+        if units != "metal":
+            self.error = f"units {units}: pes_calc models work in units metal (eV, Å)"
+        box = self._box
+        selection = select_ghosts(tags, positions, nlocal, box)
+        remote = selection.kept[selection.owner_local < 0]
+        unique_tags, first, slot = np.unique(tags[remote], return_index=True, return_inverse=True)
+        self.exchange.plan(unique_tags, fractional(positions[remote[first]], box), box, tags[:nlocal])
+        # per kept ghost: its row among the remote tags, or -1 for this rank's own atoms
+        remote_slot = np.full(len(selection.kept), -1, dtype=np.int64)
+        remote_slot[selection.owner_local < 0] = slot.reshape(-1)
+        self._selection = selection
+        self._remote_slot = remote_slot
+        self._num_remote = len(unique_tags)
+        tracked = np.concatenate([np.arange(nlocal), selection.kept])
+        self._tracked = tracked
+        self._reneighboured_at = positions[tracked].copy()
+        self._graph = None
+
+    def _displacement(self, positions: np.ndarray, nlocal: int) -> float:
+        """Largest move of a local or kept ghost atom since LAMMPS's re-neighbouring."""
+        assert self._reneighboured_at is not None
+        moved = positions[self._tracked] - self._reneighboured_at
+        return float(np.sqrt((moved**2).sum(axis=1).max(initial=0.0)))
+
+    def _build_graph(self, positions: np.ndarray, nlocal: int) -> None:
+        """Neighbours within cutoff + skin of the rank's atoms, and the edges that
+        can reach a local atom's energy in ``layers`` message-passing steps."""
+        assert self._selection is not None
+        box = self._box
+        candidates = np.concatenate([np.arange(nlocal), self._selection.kept])
+        points = positions[candidates]
+        check_geometry(points, box.cell, box.spanned)
+        cutoff = self.cutoff + self.skin
+        device = self.calculator.device
+        if device.type == "cuda":
+            edges, shifts = neighbor_list_torch(
+                torch.from_numpy(points).to(device), torch.from_numpy(box.cell).to(device),
+                torch.from_numpy(box.spanned).to(device), cutoff,
+            )
+            edges, shifts = edges.cpu().numpy(), shifts.cpu().numpy()
+        else:
+            edges, shifts = neighbor_list(points, box.cell, box.spanned, cutoff)
+        # hop distance from the local atoms along edges (centre → neighbour)
+        hops = np.full(len(candidates), self.layers + 1, dtype=np.int64)
+        hops[:nlocal] = 0
+        for hop in range(1, self.layers + 1):
+            reached = edges[1][hops[edges[0]] == hop - 1]
+            hops[reached] = np.minimum(hops[reached], hop)
+        keep_edges = hops[edges[0]] <= self.layers - 1
+        nodes = np.flatnonzero(hops <= self.layers)  # locals first: they have hop 0
+        renumber = np.full(len(candidates), -1, dtype=np.int64)
+        renumber[nodes] = np.arange(len(nodes))
+        edges = renumber[edges[:, keep_edges]]
+        ghost_rows = nodes[nodes >= nlocal] - nlocal  # rows of the selection
+        types = self.lmp.numpy.extract_atom("type", nelem=len(positions))
+        species = self.type_to_species[types[candidates[nodes]]]
+        if np.any(species < 0):
+            bad = sorted(set(types[candidates[nodes]][species < 0].tolist()))
+            raise ValueError(f"atom types {bad} have no element in --types ({len(self.types)} given)")
+        dtype = self.calculator.dtype
+        self._graph = {
+            "atoms": candidates[nodes],
+            "edge_index": torch.from_numpy(np.ascontiguousarray(edges)).to(device),
+            "edge_cell_shifts": torch.from_numpy(shifts[keep_edges]).to(device=device, dtype=dtype),
+            "species": torch.from_numpy(species).to(device),
+            "at": positions[candidates[nodes]].copy(),
+            "own_local": self._selection.owner_local[ghost_rows],
+            "remote_slot": self._remote_slot[ghost_rows],
+            "ghost_centres": bool(np.any(edges[0] >= nlocal)),
+        }
+        self.neighbor_list_builds += 1
+
+    def _evaluate(self, positions: np.ndarray, nlocal: int):  # noqa: ANN202
+        """Forces on local atoms, per-atom energies and uncertainties, the rank's
+        virial (LAMMPS order xx yy zz xy xz yz, eV) and forces on remote ghosts."""
+        if self.error:
+            raise ValueError(self.error)
+        if self.lmp.extract_global("vflag_atom"):
+            raise NotImplementedError(
+                "a per-atom virial was asked for (compute stress/atom or similar): "
+                "pes_calc's fix external provides energies, forces and the global "
+                "virial only"
+            )
+        graph_arrays = self._graph
+        if graph_arrays is not None:
+            moved = positions[graph_arrays["atoms"]] - graph_arrays["at"]
+            if float((moved**2).sum(axis=1).max(initial=0.0)) > (0.5 * self.skin) ** 2:
+                graph_arrays = None
+        if graph_arrays is None or self.skin == 0.0:
+            self._build_graph(positions, nlocal)
+            graph_arrays = self._graph
+        assert graph_arrays is not None
+        device, dtype = self.calculator.device, self.calculator.dtype
+        atoms = graph_arrays["atoms"]
+        node_positions = positions[atoms]
+        if not np.all(np.isfinite(node_positions)):
+            raise ValueError("LAMMPS positions contain NaN or infinite values")
+        num_nodes = len(atoms)
+        graph = AtomicGraph(
+            positions=torch.from_numpy(node_positions).to(device=device, dtype=dtype),
+            cell=torch.from_numpy(self._box.cell).to(device=device, dtype=dtype).unsqueeze(0),
+            pbc=torch.from_numpy(self._box.spanned).to(device).unsqueeze(0),
+            species=graph_arrays["species"],
+            edge_index=graph_arrays["edge_index"],
+            edge_cell_shifts=graph_arrays["edge_cell_shifts"],
+            structure_index=torch.zeros(num_nodes, dtype=torch.int64, device=device),
+            properties={},
+        )
+        if self.skin > 0:
+            keep = torch.linalg.vector_norm(edge_vectors(graph), dim=-1) < self.cutoff
+            graph = graph._replace(edge_index=graph.edge_index[:, keep], edge_cell_shifts=graph.edge_cell_shifts[keep])
+        if graph_arrays["ghost_centres"]:
+            node_forces, energies, uncertainties, strain_gradient = self._local_energy_derivatives(graph, nlocal)
+        else:
+            node_forces, energies, uncertainties, strain_gradient = self._model_derivatives(graph, nlocal)
+        virial = -np.array([
+            strain_gradient[0, 0], strain_gradient[1, 1], strain_gradient[2, 2],
+            strain_gradient[0, 1], strain_gradient[0, 2], strain_gradient[1, 2],
+        ])
+        forces = node_forces[:nlocal].copy()
+        ghost_forces = node_forces[nlocal:]
+        own = graph_arrays["own_local"] >= 0
+        np.add.at(forces, graph_arrays["own_local"][own], ghost_forces[own])
+        remote = np.zeros((self._num_remote, 3))
+        np.add.at(remote, graph_arrays["remote_slot"][~own], ghost_forces[~own])
+        return forces, energies, uncertainties, virial, remote
+
+    def _model_derivatives(self, graph: AtomicGraph, nlocal: int):  # noqa: ANN202
+        """The artefact's own forces and stress: exact when only local atoms are
+        edge centres (ghost atoms then add constants to the energy)."""
+        with torch.jit.optimized_execution(False):
+            outputs = self.calculator.model(graph, True, True)
+        stress = _numpy(outputs[keys.STRESS])[0]
+        return (
+            _numpy(outputs[keys.FORCES]),
+            _numpy(outputs[keys.ENERGIES])[:nlocal],
+            _uncertainties(outputs, nlocal),
+            0.5 * (stress + stress.T) * self._box.volume,
+        )
+
+    def _local_energy_derivatives(self, graph: AtomicGraph, nlocal: int):  # noqa: ANN202
+        """Derivatives of the local atoms' energies alone (ghosts are edge centres,
+        so the model's own total-energy forces would count their energies)."""
+        model = self.calculator.model
+        if hasattr(model, "eager") and hasattr(model, "compiled"):  # an AOTInductor package
+            if not self._warned_eager and self.comm.rank == 0:
+                warnings.warn(
+                    "message passing across ranks runs the eager model inside the "
+                    ".pt2 package (its compiled graph differentiates all atoms' "
+                    "energies); use one rank for the compiled speed", stacklevel=2,
+                )
+            self._warned_eager = True
+            model = model.eager
+        positions = graph.positions.detach().requires_grad_(True)
+        cell = graph.cell.detach().requires_grad_(True)
+        with torch.jit.optimized_execution(False):
+            outputs = model(graph._replace(positions=positions, cell=cell), False, False)
+        local_energy = outputs[keys.ENERGIES][:nlocal].sum()
+        position_gradient, cell_gradient = torch.autograd.grad(local_energy, [positions, cell], allow_unused=True)
+        if position_gradient is None:
+            position_gradient = torch.zeros_like(positions)
+        if cell_gradient is None:
+            cell_gradient = torch.zeros_like(cell)
+        # ∂E/∂ε for r → r(1+ε), cell → cell(1+ε)
+        strain_gradient = positions.T @ position_gradient + cell[0].T @ cell_gradient[0]
+        strain_gradient = _numpy(strain_gradient)
+        return (
+            -_numpy(position_gradient),
+            _numpy(outputs[keys.ENERGIES])[:nlocal],
+            _uncertainties(outputs, nlocal),
+            0.5 * (strain_gradient + strain_gradient.T),
+        )
+
+    # -- stopping ----------------------------------------------------------------
+
+    def _stop_with_error(self, step: int, problem: str | None, fext: np.ndarray) -> None:
+        """Zero this step's forces and stop the run (fix halt) on every rank."""
+        problems = [(r, m) for r, m in enumerate(self.comm.allgather(problem)) if m]
+        rank, message = problems[0] if problems else (0, "unknown error")
+        self.error = f"step {step}, rank {rank}: {message}"
+        fext[:] = 0.0
+        self.lmp.set_internal_variable(ERROR_VARIABLE, 1.0)
+        if self.comm.rank == 0:
+            print(f"pes_calc: stopping LAMMPS at {self.error}", file=sys.stderr, flush=True)
+
+    def _stop_uncertain(self, step: int, largest: float, positions: np.ndarray, tags: np.ndarray) -> None:
+        """Write the structure and stop the run cleanly (fix halt, error soft)."""
+        types = self.lmp.numpy.extract_atom("type", nelem=len(tags))
+        pieces = self.comm.gather((tags, positions.copy(), np.array(types)), root=0)
+        self.stopped_uncertain = (int(step), largest)
+        self.lmp.set_internal_variable(UNCERTAIN_VARIABLE, 1.0)
+        if self.comm.rank != 0:
+            return
+        all_tags = np.concatenate([p[0] for p in pieces])
+        order = np.argsort(all_tags)
+        all_positions = np.concatenate([p[1] for p in pieces])[order]
+        all_types = np.concatenate([p[2] for p in pieces])[order]
+        box = self._box
+        atoms = ase.Atoms(
+            symbols=[self.types[t - 1] for t in all_types],
+            positions=all_positions - box.origin, cell=box.cell, pbc=box.periodic,
+        )
+        atoms.info.update(step=int(step), max_energy_uncertainty=largest)
+        message = (
+            f"pes_calc: step {step}: largest per-atom energy uncertainty {largest:.4g} eV "
+            f"> --max-uncertainty {self.max_uncertainty} eV; stopping the run"
+        )
+        if self.record_to is not None:
+            ase.io.write(self.record_to, atoms, format="extxyz", append=True)
+            message += f" (structure appended to {self.record_to})"
+        print(message, file=sys.stderr, flush=True)
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to("cpu", torch.float64).numpy()
+
+
+def _uncertainties(outputs: dict[str, torch.Tensor], nlocal: int) -> np.ndarray:
+    if keys.ENERGIES_UNCERTAINTY in outputs:
+        return _numpy(outputs[keys.ENERGIES_UNCERTAINTY])[:nlocal]
+    return np.zeros(nlocal)
+
+
