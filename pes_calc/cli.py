@@ -479,6 +479,89 @@ def ipi_command(
         raise click.ClickException(str(error)) from error
 
 
+@main.command("lammps")
+@click.argument("input_file", metavar="IN.lammps",
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("more_types", nargs=-1, metavar="")
+@click.option("--model", required=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Model file: .safetensors, .pt (TorchScript) or .pt2 (AOTInductor).")
+@click.option("--types", "first_type", required=True, metavar="A [B ...]",
+              help="Element of each LAMMPS atom type, in type order, as pair_coeff "
+                   "* * A B would name them.")
+@click.option("--fix", default=None,
+              help="ID of the input's `fix ID all external pf/callback 1 1` "
+                   "[the first fix external].")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [cpu].")
+@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+              help="Float type to run in (default: the model's).")
+@click.option("--skin", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="pes_calc's Verlet skin between LAMMPS re-neighbourings, Å.")
+@click.option("--neighbor-skin", type=click.FloatRange(min=0), default=None,
+              help="LAMMPS's neighbour skin, Å [the input's `neighbor` value, else 2].")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch CPU threads per rank [cores / ranks on the node].")
+@click.option("--max-uncertainty", type=click.FloatRange(min=0), default=None,
+              help="LLPR models: stop the run when an atom's energy uncertainty "
+                   "exceeds this, eV.")
+@click.option("--record-to", type=click.Path(dir_okay=False, path_type=Path),
+              default=Path("runs/lammps-uncertain.xyz"), show_default=True,
+              help="Where --max-uncertainty appends the structure that stopped the run.")
+@click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="LAMMPS log file [log.lammps].")
+@click.option("--var", "variables", nargs=2, multiple=True, metavar="NAME VALUE",
+              help="Set a LAMMPS index variable, as lmp -var NAME VALUE.")
+@click.option("--quiet", is_flag=True, help="No LAMMPS output on the screen.")
+def lammps_command(
+    input_file: Path, more_types: tuple[str, ...], model: Path, first_type: str,
+    fix: str | None, device: str | None, dtype: str | None, skin: float,
+    neighbor_skin: float | None, threads: int | None, max_uncertainty: float | None,
+    record_to: Path, log: Path | None, variables: tuple[tuple[str, str], ...],
+    quiet: bool,
+) -> None:
+    """Run the LAMMPS input IN.lammps with MODEL as its `fix external` forces.
+
+    The input keeps its units (metal), fixes, thermo, dumps and restarts, and
+    holds `fix mlip all external pf/callback 1 1` after the atoms exist; pes_calc
+    sets the ghost cutoff (comm_modify) and the fix's energy and virial. Run on N
+    MPI ranks with `mpiexec -n N pes-calc lammps ...`. LLPR models write each
+    atom's energy uncertainty (eV) to the per-atom property d_energy_uncertainty,
+    which `dump custom` can list.
+    """
+    from pes_calc.lammps._library import LammpsUnavailableError
+
+    try:
+        from pes_calc.lammps.script import LammpsRunError, run_input
+    except LammpsUnavailableError as error:
+        raise click.ClickException(str(error)) from error
+    _check_device(device)
+    types = first_type.replace(",", " ").split() + list(more_types)
+    if max_uncertainty is not None:
+        record_to.parent.mkdir(parents=True, exist_ok=True)
+    lammps_args = ["-log", str(log) if log else "log.lammps"]
+    if quiet:
+        lammps_args += ["-screen", "none"]
+    for name, value in variables:
+        lammps_args += ["-var", name, value]
+    try:
+        summary = run_input(
+            input_file, model, types, fix, device=device, dtype=dtype, skin=skin,
+            neighbor_skin=neighbor_skin, max_uncertainty=max_uncertainty,
+            record_to=record_to, threads=threads, lammps_args=lammps_args,
+        )
+    except (LammpsRunError, LammpsUnavailableError) as error:
+        raise click.ClickException(str(error)) from error
+    if summary["rank"] == 0:
+        click.echo(
+            f"pes-calc lammps: {summary['force_calls']} force calls on "
+            f"{summary['ranks']} rank(s) x {summary['threads']} thread(s), "
+            f"{1000 * summary['seconds_per_call']:.2f} ms per call (slowest rank), "
+            f"{summary['neighbor_list_builds']} neighbour-list builds, ghost cutoff "
+            f"{summary['ghost_cutoff']:.2f} Å",
+            err=True,
+        )
+
+
 def _set_up_torch(device: str | None, threads: int | None) -> None:
     """Refuse --device cuda without a GPU; apply --threads."""
     _check_device(device)
