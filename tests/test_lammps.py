@@ -196,21 +196,26 @@ def test_aotinductor_package_on_two_ranks(workdir, tmp_path, monkeypatch):
 
 # -- dynamics -------------------------------------------------------------------------
 
+# read from a data file: create_atoms numbers atoms differently on each rank count
 CU108 = """units metal
 atom_style atomic
 boundary p p p
-lattice fcc 3.61
-region box block 0 3 0 3 0 3
-create_box 1 box
-create_atoms 1 box
-mass 1 63.546
-velocity all create 600.0 87287 mom yes rot yes dist gaussian
+read_data {data}
+velocity all create 600.0 87287 mom yes rot yes dist gaussian loop all
 timestep 0.001
 """
 
 
-def test_nve_conserves_energy_over_1000_steps(workdir):
-    job = {"model": str(SHIPPED), "types": ["Cu"], "setup": CU108, "after_attach": "fix nve all nve",
+@pytest.fixture(scope="module")
+def cu108(workdir) -> str:
+    """Commands that set up 108 Cu atoms of fcc at 600 K."""
+    atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True) * (3, 3, 3)
+    ase.io.write(workdir / "cu108.data", atoms, format="lammps-data", masses=True)
+    return CU108.format(data=workdir / "cu108.data")
+
+
+def test_nve_conserves_energy_over_1000_steps(workdir, cu108):
+    job = {"model": str(SHIPPED), "types": ["Cu"], "setup": cu108, "after_attach": "fix nve all nve",
            "run": "run 100", "repeat": 10}
     (result,) = run_jobs(2, [job], workdir)
     assert result["error"] is None and result["steps"] >= 1000
@@ -222,8 +227,8 @@ def test_nve_conserves_energy_over_1000_steps(workdir):
     assert min(temperatures) > 100  # the atoms really moved: potential and kinetic traded
 
 
-def test_npt_changes_the_volume_the_same_way_on_one_and_two_ranks(workdir):
-    job = {"model": str(workdir / "soap_bpnn.safetensors"), "types": ["Cu"], "setup": CU108,
+def test_npt_changes_the_volume_the_same_way_on_one_and_two_ranks(workdir, cu108):
+    job = {"model": str(workdir / "soap_bpnn.safetensors"), "types": ["Cu"], "setup": cu108,
            "after_attach": "fix npt all npt temp 600 600 0.1 iso 20000 20000 0.5", "run": "run 40"}
     volumes = {}
     for ranks in (1, 2):
@@ -235,10 +240,10 @@ def test_npt_changes_the_volume_the_same_way_on_one_and_two_ranks(workdir):
     assert abs(volumes[1] - volumes[2]) < 1e-9 * start
 
 
-def test_restart_file_continues_the_run(workdir):
+def test_restart_file_continues_the_run(workdir, cu108):
     model = str(workdir / "soap_bpnn.safetensors")
     restart = workdir / "cu.restart"
-    straight = {"model": model, "types": ["Cu"], "setup": CU108, "after_attach": "fix nve all nve",
+    straight = {"model": model, "types": ["Cu"], "setup": cu108, "after_attach": "fix nve all nve",
                 "run": f"run 20\nwrite_restart {restart}\nrun 20"}
     continued = {"model": model, "types": ["Cu"], "setup": f"read_restart {restart}\n",
                  "after_attach": "fix nve all nve\nreset_timestep 20", "run": "run 20"}
@@ -298,8 +303,8 @@ def test_cli_bad_inputs_fail_clearly_on_every_rank(tmp_path, case, fix, units, t
     assert message in done.stdout, done.stdout[-2000:]
 
 
-def test_cli_stops_cleanly_over_max_uncertainty(tmp_path):
-    (tmp_path / "in.hot").write_text(CU108.replace("600.0", "3000.0") + "fix mlip all external pf/callback 1 1\nfix nve all nve\nthermo 10\nrun 200\nprint 'after the run'\n")
+def test_cli_stops_cleanly_over_max_uncertainty(tmp_path, cu108):
+    (tmp_path / "in.hot").write_text(cu108.replace("600.0", "3000.0") + "fix mlip all external pf/callback 1 1\nfix nve all nve\nthermo 10\nrun 200\nprint 'after the run'\n")
     done = cli(2, ["in.hot", "--model", SHIPPED_LLPR, "--types", "Cu", "--max-uncertainty", "0.0", "--record-to", "uncertain.xyz"], tmp_path)
     assert done.returncode == 0, done.stdout[-3000:]
     assert "largest per-atom energy uncertainty" in done.stdout
