@@ -560,6 +560,14 @@ def lammps_command(
             f"{summary['ghost_cutoff']:.2f} Å",
             err=True,
         )
+        if summary["stopped_uncertain"] is not None:
+            step, largest = summary["stopped_uncertain"]
+            click.echo(
+                f"pes-calc lammps: stopped at step {step}: an atom's energy uncertainty "
+                f"{largest:.4g} eV > --max-uncertainty {max_uncertainty} eV "
+                f"(structure appended to {record_to})",
+                err=True,
+            )
 
 
 def _set_up_torch(device: str | None, threads: int | None) -> None:

@@ -162,7 +162,8 @@ class LammpsCoupling:
             if self.calculator.is_llpr:
                 lmp.numpy.extract_atom(f"d_{UNCERTAINTY_PROPERTY}", nelem=nlocal)[:] = uncertainties
                 largest = float(reports[:, 2].max())
-                if self.max_uncertainty is not None and not largest <= self.max_uncertainty:
+                over = self.max_uncertainty is not None and not largest <= self.max_uncertainty
+                if over and self.stopped_uncertain is None:  # record the first only
                     self._stop_uncertain(step, largest, positions[:nlocal], all_tags[:nlocal])
         self.steps += 1
         self.seconds += time.perf_counter() - start
@@ -384,7 +385,8 @@ class LammpsCoupling:
             f"> --max-uncertainty {self.max_uncertainty} eV; stopping the run"
         )
         if self.record_to is not None:
-            ase.io.write(self.record_to, atoms, format="extxyz", append=True)
+            # parallel=False: ASE would otherwise run MPI collectives on rank 0 alone
+            ase.io.write(self.record_to, atoms, format="extxyz", append=True, parallel=False)
             message += f" (structure appended to {self.record_to})"
         print(message, file=sys.stderr, flush=True)
 
