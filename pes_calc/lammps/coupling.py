@@ -29,12 +29,21 @@ import ase.io
 import numpy as np
 import torch
 
-from pes_calc import keys
 from pes_calc.calculator import PESCalculator
-from pes_calc.graph import AtomicGraph, edge_vectors
-from pes_calc.lammps.domain import Box, GhostSelection, fractional, read_box, select_ghosts
+from pes_calc.lammps.domain import (
+    GhostSelection,
+    fractional,
+    read_box,
+    select_ghosts,
+)
 from pes_calc.lammps.exchange import ReverseExchange
-from pes_calc.neighbors import check_geometry, neighbor_list, neighbor_list_torch
+from pes_calc.lammps.rank_graph import (
+    RankGraph,
+    build_rank_graph,
+    graph_now,
+    local_energy_derivatives,
+    model_derivatives,
+)
 
 ERROR_VARIABLE = "pes_calc_error"
 UNCERTAIN_VARIABLE = "pes_calc_uncertain"
@@ -77,8 +86,14 @@ class LammpsCoupling:
     """
 
     def __init__(
-        self, lmp: Any, calculator: PESCalculator, types: list[str], fix: str,
-        comm: Any, neighbor_skin: float, max_uncertainty: float | None = None,
+        self,
+        lmp: Any,
+        calculator: PESCalculator,
+        types: list[str],
+        fix: str,
+        comm: Any,
+        neighbor_skin: float,
+        max_uncertainty: float | None = None,
         record_to: str | Path | None = None,
     ):
         self.lmp = lmp
@@ -93,7 +108,8 @@ class LammpsCoupling:
         self.record_to = None if record_to is None else Path(record_to)
         # LAMMPS type t (from 1) → the model's species index
         self.type_to_species = np.array(
-            [-1] + [calculator.species.index(symbol) for symbol in types], dtype=np.int64
+            [-1] + [calculator.species.index(symbol) for symbol in types],
+            dtype=np.int64,
         )
         self.types = list(types)
         self.exchange = ReverseExchange(comm)
@@ -104,20 +120,24 @@ class LammpsCoupling:
         self.stopped_uncertain: tuple[int, float] | None = None
         self._selection: GhostSelection | None = None
         self._counts: tuple[int, int] = (-1, -1)
-        self._graph: dict[str, Any] | None = None
+        self._graph: RankGraph | None = None
         self._reneighboured_at: np.ndarray | None = None
         self._warned_eager = False
 
     # -- the callback ------------------------------------------------------------
 
-    def __call__(self, caller: Any, step: int, nlocal: int, tags: Any, x: Any, fext: np.ndarray) -> None:
+    def __call__(
+        self, caller: Any, step: int, nlocal: int, tags: Any, x: Any, fext: np.ndarray
+    ) -> None:
         start = time.perf_counter()
         lmp = self.lmp
         nall = nlocal + lmp.extract_setting("nghost")
         positions = lmp.numpy.extract_atom("x", nelem=nall, dim=3)
         all_tags = lmp.numpy.extract_atom("id", nelem=nall).astype(np.int64)
         self._box = read_box(lmp)  # every step: fix npt and deform change it
-        changed = lmp.extract_setting("neigh_ago") == 0 or (nlocal, nall) != self._counts
+        changed = (
+            lmp.extract_setting("neigh_ago") == 0 or (nlocal, nall) != self._counts
+        )
         if self._any_rank(changed):
             self._replan(positions, all_tags, nlocal)
             self._counts = (nlocal, nall)
@@ -134,21 +154,31 @@ class LammpsCoupling:
         if not problem:
             try:
                 displacement = self._displacement(positions, nlocal)
-                forces, energies, uncertainties, virial, remote = self._evaluate(positions, nlocal)
+                forces, energies, uncertainties, virial, remote = self._evaluate(
+                    positions, nlocal
+                )
             except Exception as error:  # every rank must still reach the collectives
                 problem = f"{type(error).__name__}: {error}"
         self.exchange.send(remote, forces)
 
-        reports = np.array(self.comm.allgather(
-            [float(energies.sum()), float(bool(problem)), float(uncertainties.max(initial=0.0)), displacement, *virial]
-        ))
+        reports = np.array(
+            self.comm.allgather(
+                [
+                    float(energies.sum()),
+                    float(bool(problem)),
+                    float(uncertainties.max(initial=0.0)),
+                    displacement,
+                    *virial,
+                ]
+            )
+        )
         if reports[:, 3].max() > 0.5 * self.neighbor_skin and not reports[:, 1].any():
             problem = (
-                f"an atom moved {reports[:, 3].max():.3g} Å since LAMMPS last rebuilt its "
-                f"ghost atoms, more than half the neighbour skin pes_calc was given "
-                f"({self.neighbor_skin} Å): ghost atoms may be missing. Give pes-calc "
-                "lammps --neighbor-skin the skin of the input's `neighbor` command, or "
-                "let LAMMPS check distances (neigh_modify check yes)"
+                f"an atom moved {reports[:, 3].max():.3g} Å since LAMMPS last rebuilt "
+                f"its ghost atoms, more than half the neighbour skin pes_calc was "
+                f"given ({self.neighbor_skin} Å): ghost atoms may be missing. Give "
+                "pes-calc lammps --neighbor-skin the skin of the input's `neighbor` "
+                "command, or let LAMMPS check distances (neigh_modify check yes)"
             )
             reports[self.comm.rank, 1] = 1.0
         if reports[:, 1].any():
@@ -157,14 +187,23 @@ class LammpsCoupling:
             fext[:nlocal] = forces
             # LAMMPS adds a fix's energy and virial after its sum over ranks: totals
             lmp.fix_external_set_energy_global(self.fix, float(reports[:, 0].sum()))
-            lmp.fix_external_set_virial_global(self.fix, reports[:, 4:].sum(axis=0).tolist())
+            lmp.fix_external_set_virial_global(
+                self.fix, reports[:, 4:].sum(axis=0).tolist()
+            )
             lmp.numpy.fix_external_set_energy_peratom(self.fix, energies)
             if self.calculator.is_llpr:
-                lmp.numpy.extract_atom(f"d_{UNCERTAINTY_PROPERTY}", nelem=nlocal)[:] = uncertainties
+                lmp.numpy.extract_atom(f"d_{UNCERTAINTY_PROPERTY}", nelem=nlocal)[:] = (
+                    uncertainties
+                )
                 largest = float(reports[:, 2].max())
-                over = self.max_uncertainty is not None and not largest <= self.max_uncertainty
+                over = (
+                    self.max_uncertainty is not None
+                    and not largest <= self.max_uncertainty
+                )
                 if over and self.stopped_uncertain is None:  # record the first only
-                    self._stop_uncertain(step, largest, positions[:nlocal], all_tags[:nlocal])
+                    self._stop_uncertain(
+                        step, largest, positions[:nlocal], all_tags[:nlocal]
+                    )
         self.steps += 1
         self.seconds += time.perf_counter() - start
 
@@ -182,8 +221,12 @@ class LammpsCoupling:
         box = self._box
         selection = select_ghosts(tags, positions, nlocal, box)
         remote = selection.kept[selection.owner_local < 0]
-        unique_tags, first, slot = np.unique(tags[remote], return_index=True, return_inverse=True)
-        self.exchange.plan(unique_tags, fractional(positions[remote[first]], box), box, tags[:nlocal])
+        unique_tags, first, slot = np.unique(
+            tags[remote], return_index=True, return_inverse=True
+        )
+        self.exchange.plan(
+            unique_tags, fractional(positions[remote[first]], box), box, tags[:nlocal]
+        )
         # per kept ghost: its row among the remote tags, or -1 for this rank's own atoms
         remote_slot = np.full(len(selection.kept), -1, dtype=np.int64)
         remote_slot[selection.owner_local < 0] = slot.reshape(-1)
@@ -201,54 +244,6 @@ class LammpsCoupling:
         moved = positions[self._tracked] - self._reneighboured_at
         return float(np.sqrt((moved**2).sum(axis=1).max(initial=0.0)))
 
-    def _build_graph(self, positions: np.ndarray, nlocal: int) -> None:
-        """Neighbours within cutoff + skin of the rank's atoms, and the edges that
-        can reach a local atom's energy in ``layers`` message-passing steps."""
-        assert self._selection is not None
-        box = self._box
-        candidates = np.concatenate([np.arange(nlocal), self._selection.kept])
-        points = positions[candidates]
-        check_geometry(points, box.cell, box.spanned)
-        cutoff = self.cutoff + self.skin
-        device = self.calculator.device
-        if device.type == "cuda":
-            edges, shifts = neighbor_list_torch(
-                torch.from_numpy(points).to(device), torch.from_numpy(box.cell).to(device),
-                torch.from_numpy(box.spanned).to(device), cutoff,
-            )
-            edges, shifts = edges.cpu().numpy(), shifts.cpu().numpy()
-        else:
-            edges, shifts = neighbor_list(points, box.cell, box.spanned, cutoff)
-        # hop distance from the local atoms along edges (centre → neighbour)
-        hops = np.full(len(candidates), self.layers + 1, dtype=np.int64)
-        hops[:nlocal] = 0
-        for hop in range(1, self.layers + 1):
-            reached = edges[1][hops[edges[0]] == hop - 1]
-            hops[reached] = np.minimum(hops[reached], hop)
-        keep_edges = hops[edges[0]] <= self.layers - 1
-        nodes = np.flatnonzero(hops <= self.layers)  # locals first: they have hop 0
-        renumber = np.full(len(candidates), -1, dtype=np.int64)
-        renumber[nodes] = np.arange(len(nodes))
-        edges = renumber[edges[:, keep_edges]]
-        ghost_rows = nodes[nodes >= nlocal] - nlocal  # rows of the selection
-        types = self.lmp.numpy.extract_atom("type", nelem=len(positions))
-        species = self.type_to_species[types[candidates[nodes]]]
-        if np.any(species < 0):
-            bad = sorted(set(types[candidates[nodes]][species < 0].tolist()))
-            raise ValueError(f"atom types {bad} have no element in --types ({len(self.types)} given)")
-        dtype = self.calculator.dtype
-        self._graph = {
-            "atoms": candidates[nodes],
-            "edge_index": torch.from_numpy(np.ascontiguousarray(edges)).to(device),
-            "edge_cell_shifts": torch.from_numpy(shifts[keep_edges]).to(device=device, dtype=dtype),
-            "species": torch.from_numpy(species).to(device),
-            "at": positions[candidates[nodes]].copy(),
-            "own_local": self._selection.owner_local[ghost_rows],
-            "remote_slot": self._remote_slot[ghost_rows],
-            "ghost_centres": bool(np.any(edges[0] >= nlocal)),
-        }
-        self.neighbor_list_builds += 1
-
     def _evaluate(self, positions: np.ndarray, nlocal: int):  # noqa: ANN202
         """Forces on local atoms, per-atom energies and uncertainties, the rank's
         virial (LAMMPS order xx yy zz xy xz yz, eV) and forces on remote ghosts."""
@@ -260,99 +255,65 @@ class LammpsCoupling:
                 "pes_calc's fix external provides energies, forces and the global "
                 "virial only"
             )
-        graph_arrays = self._graph
-        if graph_arrays is not None:
-            moved = positions[graph_arrays["atoms"]] - graph_arrays["at"]
-            if float((moved**2).sum(axis=1).max(initial=0.0)) > (0.5 * self.skin) ** 2:
-                graph_arrays = None
-        if graph_arrays is None or self.skin == 0.0:
-            self._build_graph(positions, nlocal)
-            graph_arrays = self._graph
-        assert graph_arrays is not None
-        device, dtype = self.calculator.device, self.calculator.dtype
-        atoms = graph_arrays["atoms"]
-        node_positions = positions[atoms]
-        if not np.all(np.isfinite(node_positions)):
-            raise ValueError("LAMMPS positions contain NaN or infinite values")
-        num_nodes = len(atoms)
-        graph = AtomicGraph(
-            positions=torch.from_numpy(node_positions).to(device=device, dtype=dtype),
-            cell=torch.from_numpy(self._box.cell).to(device=device, dtype=dtype).unsqueeze(0),
-            pbc=torch.from_numpy(self._box.spanned).to(device).unsqueeze(0),
-            species=graph_arrays["species"],
-            edge_index=graph_arrays["edge_index"],
-            edge_cell_shifts=graph_arrays["edge_cell_shifts"],
-            structure_index=torch.zeros(num_nodes, dtype=torch.int64, device=device),
-            properties={},
+        assert self._selection is not None
+        calculator = self.calculator
+        if self._graph is None or self._graph.moved_past(positions, 0.5 * self.skin):
+            types = self.lmp.numpy.extract_atom("type", nelem=len(positions))
+            self._graph = build_rank_graph(
+                positions,
+                self.type_to_species[types],
+                nlocal,
+                self._selection.kept,
+                self._selection.owner_local,
+                self._remote_slot,
+                self._box,
+                self.cutoff + self.skin,
+                self.layers,
+                calculator.device,
+                calculator.dtype,
+            )
+            self.neighbor_list_builds += 1
+        rank_graph = self._graph
+        graph = graph_now(
+            rank_graph, positions, self._box, self.cutoff, calculator.dtype
         )
-        if self.skin > 0:
-            keep = torch.linalg.vector_norm(edge_vectors(graph), dim=-1) < self.cutoff
-            graph = graph._replace(edge_index=graph.edge_index[:, keep], edge_cell_shifts=graph.edge_cell_shifts[keep])
-        if graph_arrays["ghost_centres"]:
-            node_forces, energies, uncertainties, strain_gradient = self._local_energy_derivatives(graph, nlocal)
+        if rank_graph.ghost_centres:
+            derivatives = local_energy_derivatives(self._eager_model(), graph, nlocal)
         else:
-            node_forces, energies, uncertainties, strain_gradient = self._model_derivatives(graph, nlocal)
-        virial = -np.array([
-            strain_gradient[0, 0], strain_gradient[1, 1], strain_gradient[2, 2],
-            strain_gradient[0, 1], strain_gradient[0, 2], strain_gradient[1, 2],
-        ])
-        forces = node_forces[:nlocal].copy()
-        ghost_forces = node_forces[nlocal:]
-        own = graph_arrays["own_local"] >= 0
-        np.add.at(forces, graph_arrays["own_local"][own], ghost_forces[own])
+            derivatives = model_derivatives(
+                calculator.model, graph, nlocal, self._box.volume
+            )
+        gradient = derivatives.strain_gradient
+        virial = -gradient[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]
+        forces = derivatives.node_forces[:nlocal].copy()
+        ghost_forces = derivatives.node_forces[nlocal:]
+        own = rank_graph.own_local >= 0
+        np.add.at(forces, rank_graph.own_local[own], ghost_forces[own])
         remote = np.zeros((self._num_remote, 3))
-        np.add.at(remote, graph_arrays["remote_slot"][~own], ghost_forces[~own])
-        return forces, energies, uncertainties, virial, remote
+        np.add.at(remote, rank_graph.remote_slot[~own], ghost_forces[~own])
+        return forces, derivatives.energies, derivatives.uncertainties, virial, remote
 
-    def _model_derivatives(self, graph: AtomicGraph, nlocal: int):  # noqa: ANN202
-        """The artefact's own forces and stress: exact when only local atoms are
-        edge centres (ghost atoms then add constants to the energy)."""
-        with torch.jit.optimized_execution(False):
-            outputs = self.calculator.model(graph, True, True)
-        stress = _numpy(outputs[keys.STRESS])[0]
-        return (
-            _numpy(outputs[keys.FORCES]),
-            _numpy(outputs[keys.ENERGIES])[:nlocal],
-            _uncertainties(outputs, nlocal),
-            0.5 * (stress + stress.T) * self._box.volume,
-        )
-
-    def _local_energy_derivatives(self, graph: AtomicGraph, nlocal: int):  # noqa: ANN202
-        """Derivatives of the local atoms' energies alone (ghosts are edge centres,
-        so the model's own total-energy forces would count their energies)."""
+    def _eager_model(self) -> torch.nn.Module:
+        """A model whose per-atom energies autograd can differentiate: an
+        AOTInductor package's compiled graph cannot, its eager model can."""
         model = self.calculator.model
-        if hasattr(model, "eager") and hasattr(model, "compiled"):  # an AOTInductor package
+        if hasattr(model, "eager") and hasattr(model, "compiled"):
             if not self._warned_eager and self.comm.rank == 0:
                 warnings.warn(
                     "message passing across ranks runs the eager model inside the "
                     ".pt2 package (its compiled graph differentiates all atoms' "
-                    "energies); use one rank for the compiled speed", stacklevel=2,
+                    "energies); use one rank for the compiled speed",
+                    stacklevel=2,
                 )
             self._warned_eager = True
             model = model.eager
-        positions = graph.positions.detach().requires_grad_(True)
-        cell = graph.cell.detach().requires_grad_(True)
-        with torch.jit.optimized_execution(False):
-            outputs = model(graph._replace(positions=positions, cell=cell), False, False)
-        local_energy = outputs[keys.ENERGIES][:nlocal].sum()
-        position_gradient, cell_gradient = torch.autograd.grad(local_energy, [positions, cell], allow_unused=True)
-        if position_gradient is None:
-            position_gradient = torch.zeros_like(positions)
-        if cell_gradient is None:
-            cell_gradient = torch.zeros_like(cell)
-        # ∂E/∂ε for r → r(1+ε), cell → cell(1+ε)
-        strain_gradient = positions.T @ position_gradient + cell[0].T @ cell_gradient[0]
-        strain_gradient = _numpy(strain_gradient)
-        return (
-            -_numpy(position_gradient),
-            _numpy(outputs[keys.ENERGIES])[:nlocal],
-            _uncertainties(outputs, nlocal),
-            0.5 * (strain_gradient + strain_gradient.T),
-        )
+        return model
 
     # -- stopping ----------------------------------------------------------------
 
-    def _stop_with_error(self, step: int, problem: str | None, fext: np.ndarray) -> None:
+    def _stop_with_error(
+        self, step: int, problem: str | None, fext: np.ndarray
+    ) -> None:
         """Zero this step's forces and stop the run (fix halt) on every rank."""
         problems = [(r, m) for r, m in enumerate(self.comm.allgather(problem)) if m]
         rank, message = problems[0] if problems else (0, "unknown error")
@@ -360,9 +321,15 @@ class LammpsCoupling:
         fext[:] = 0.0
         self.lmp.set_internal_variable(ERROR_VARIABLE, 1.0)
         if self.comm.rank == 0:
-            print(f"pes_calc: stopping LAMMPS at {self.error}", file=sys.stderr, flush=True)
+            print(
+                f"pes_calc: stopping LAMMPS at {self.error}",
+                file=sys.stderr,
+                flush=True,
+            )
 
-    def _stop_uncertain(self, step: int, largest: float, positions: np.ndarray, tags: np.ndarray) -> None:
+    def _stop_uncertain(
+        self, step: int, largest: float, positions: np.ndarray, tags: np.ndarray
+    ) -> None:
         """Write the structure and stop the run cleanly (fix halt, error soft)."""
         types = self.lmp.numpy.extract_atom("type", nelem=len(tags))
         pieces = self.comm.gather((tags, positions.copy(), np.array(types)), root=0)
@@ -377,27 +344,20 @@ class LammpsCoupling:
         box = self._box
         atoms = ase.Atoms(
             symbols=[self.types[t - 1] for t in all_types],
-            positions=all_positions - box.origin, cell=box.cell, pbc=box.periodic,
+            positions=all_positions - box.origin,
+            cell=box.cell,
+            pbc=box.periodic,
         )
         atoms.info.update(step=int(step), max_energy_uncertainty=largest)
         message = (
-            f"pes_calc: step {step}: largest per-atom energy uncertainty {largest:.4g} eV "
-            f"> --max-uncertainty {self.max_uncertainty} eV; stopping the run"
+            f"pes_calc: step {step}: largest per-atom energy uncertainty "
+            f"{largest:.4g} eV > --max-uncertainty {self.max_uncertainty} eV; "
+            "stopping the run"
         )
         if self.record_to is not None:
             # parallel=False: ASE would otherwise run MPI collectives on rank 0 alone
-            ase.io.write(self.record_to, atoms, format="extxyz", append=True, parallel=False)
+            ase.io.write(
+                self.record_to, atoms, format="extxyz", append=True, parallel=False
+            )
             message += f" (structure appended to {self.record_to})"
         print(message, file=sys.stderr, flush=True)
-
-
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float64).numpy()
-
-
-def _uncertainties(outputs: dict[str, torch.Tensor], nlocal: int) -> np.ndarray:
-    if keys.ENERGIES_UNCERTAINTY in outputs:
-        return _numpy(outputs[keys.ENERGIES_UNCERTAINTY])[:nlocal]
-    return np.zeros(nlocal)
-
-

@@ -81,7 +81,9 @@ class GhostSelection(NamedTuple):
     """(G,) int64 local index of the same atom where this rank owns it, else -1."""
 
 
-def select_ghosts(tags: np.ndarray, positions: np.ndarray, nlocal: int, box: Box) -> GhostSelection:
+def select_ghosts(
+    tags: np.ndarray, positions: np.ndarray, nlocal: int, box: Box
+) -> GhostSelection:
     """Keep one ghost per atom and image class along the split directions.
 
     ``tags`` and ``positions`` cover local and ghost atoms (LAMMPS order, locals
@@ -156,12 +158,17 @@ def guess_owners(
         axis=1,
     )
     rank_cells = np.stack(
-        [np.searchsorted(planes[d], all_sub_lo[:, d], side="right") - 1 for d in range(3)],
+        [
+            np.searchsorted(planes[d], all_sub_lo[:, d], side="right") - 1
+            for d in range(3)
+        ],
         axis=1,
     )
     grid_shape = [len(p) for p in planes]
     if np.prod(grid_shape) != len(all_sub_lo):
         return owners  # not a brick (comm_style tiled): the caller asks every rank
     grid = np.full(grid_shape, -1, dtype=np.int64)
-    grid[rank_cells[:, 0], rank_cells[:, 1], rank_cells[:, 2]] = np.arange(len(all_sub_lo))
+    grid[rank_cells[:, 0], rank_cells[:, 1], rank_cells[:, 2]] = np.arange(
+        len(all_sub_lo)
+    )
     return grid[cells[:, 0], cells[:, 1], cells[:, 2]]

@@ -50,7 +50,9 @@ class ReverseExchange:
         self._recv_counts = np.zeros(comm.size, dtype=np.int64)
         self._recv_local = np.zeros(0, dtype=np.int64)
 
-    def plan(self, tags: np.ndarray, lam: np.ndarray, box: Box, local_tags: np.ndarray) -> None:
+    def plan(
+        self, tags: np.ndarray, lam: np.ndarray, box: Box, local_tags: np.ndarray
+    ) -> None:
         """Who owns each remote ghost ``tags`` (unique, fractional positions ``lam``).
 
         Collective: every rank calls it at the same step.
@@ -74,23 +76,37 @@ class ReverseExchange:
         MPI = _mpi()
         valid = np.flatnonzero(owners >= 0)
         order = valid[np.argsort(owners[valid], kind="stable")]
-        send_counts = np.bincount(owners[order], minlength=self.comm.size).astype(np.int64)
+        send_counts = np.bincount(owners[order], minlength=self.comm.size).astype(
+            np.int64
+        )
         recv_counts = np.array(self.comm.alltoall(send_counts.tolist()), dtype=np.int64)
         received = np.empty(int(recv_counts.sum()), dtype=np.int64)
         self.comm.Alltoallv(
-            [np.ascontiguousarray(tags[order], dtype=np.int64), (send_counts, _displacements(send_counts)), MPI.INT64_T],
+            [
+                np.ascontiguousarray(tags[order], dtype=np.int64),
+                (send_counts, _displacements(send_counts)),
+                MPI.INT64_T,
+            ],
             [received, (recv_counts, _displacements(recv_counts)), MPI.INT64_T],
         )
         local = lookup(received)
         answers = np.empty(len(order), dtype=np.int64)
         self.comm.Alltoallv(
-            [(local >= 0).astype(np.int64), (recv_counts, _displacements(recv_counts)), MPI.INT64_T],
+            [
+                (local >= 0).astype(np.int64),
+                (recv_counts, _displacements(recv_counts)),
+                MPI.INT64_T,
+            ],
             [answers, (send_counts, _displacements(send_counts)), MPI.INT64_T],
         )
         found = np.zeros(len(tags), dtype=bool)
         found[order] = answers.astype(bool)
         # rows an owner did not confirm are sent as zeros and dropped on arrival
-        self._send_order, self._send_counts, self._recv_counts = order, send_counts, recv_counts
+        self._send_order, self._send_counts, self._recv_counts = (
+            order,
+            send_counts,
+            recv_counts,
+        )
         self._recv_local = local
         return found
 
@@ -115,8 +131,16 @@ class ReverseExchange:
         outgoing = np.ascontiguousarray(values[self._send_order], dtype=np.float64)
         incoming = np.empty((int(self._recv_counts.sum()), width), dtype=np.float64)
         self.comm.Alltoallv(
-            [outgoing, (self._send_counts * width, _displacements(self._send_counts) * width), MPI.DOUBLE],
-            [incoming, (self._recv_counts * width, _displacements(self._recv_counts) * width), MPI.DOUBLE],
+            [
+                outgoing,
+                (self._send_counts * width, _displacements(self._send_counts) * width),
+                MPI.DOUBLE,
+            ],
+            [
+                incoming,
+                (self._recv_counts * width, _displacements(self._recv_counts) * width),
+                MPI.DOUBLE,
+            ],
         )
         confirmed = self._recv_local >= 0
         np.add.at(into, self._recv_local[confirmed], incoming[confirmed])

@@ -8,6 +8,7 @@ part, `attach` couples the model, and LAMMPS reads the rest.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import sys
@@ -63,7 +64,9 @@ def _strip_comment(line: str) -> str:
     return line
 
 
-def split_input(text: str, fix: str | None = None, name: str = "the input") -> InputParts:
+def split_input(
+    text: str, fix: str | None = None, name: str = "the input"
+) -> InputParts:
     """Cut ``text`` after the line defining ``fix external`` ``fix`` (the first
     fix external if ``fix`` is None)."""
     lines = text.splitlines()
@@ -73,18 +76,21 @@ def split_input(text: str, fix: str | None = None, name: str = "the input") -> I
     for last_line, command in _logical_lines(text):
         words = command.split()
         if len(words) >= 2 and words[0] == "neighbor":
-            try:
+            with contextlib.suppress(ValueError):  # a ${variable}: keep the default
                 neighbor_skin = float(words[1])
-            except ValueError:
-                pass
-        if cut is not None or len(words) < 4 or words[0] != "fix" or words[3] != "external":
+        if (
+            cut is not None
+            or len(words) < 4
+            or words[0] != "fix"
+            or words[3] != "external"
+        ):
             continue
         if fix is not None and words[1] != fix:
             continue
         if len(words) < 5 or words[4] != "pf/callback":
             raise LammpsRunError(
-                f"{name}: fix {words[1]} is `external {' '.join(words[4:5])}`; pes_calc "
-                f"fills `fix {words[1]} {words[2]} external pf/callback 1 1`"
+                f"{name}: fix {words[1]} is `external {' '.join(words[4:5])}`; "
+                f"pes_calc fills `fix {words[1]} {words[2]} external pf/callback 1 1`"
             )
         cut, found_fix = last_line, words[1]
     if cut is None:
@@ -168,13 +174,29 @@ def run_input(
             _lammps_file(lmp, before, comm)
             try:
                 coupling = attach(
-                    lmp, model, types, parts.fix, device=device, dtype=dtype, skin=skin,
+                    lmp,
+                    model,
+                    types,
+                    parts.fix,
+                    device=device,
+                    dtype=dtype,
+                    skin=skin,
                     neighbor_skin=neighbor_skin or skin_of_input,
-                    max_uncertainty=max_uncertainty, record_to=record_to, comm=comm,
+                    max_uncertainty=max_uncertainty,
+                    record_to=record_to,
+                    comm=comm,
                 )
-                _check_comm_cutoff(parts.after, ghost_cutoff(coupling.calculator, coupling.neighbor_skin), str(path))
+                _check_comm_cutoff(
+                    parts.after,
+                    ghost_cutoff(coupling.calculator, coupling.neighbor_skin),
+                    str(path),
+                )
             except Exception as error:  # each rank loads its own model: agree first
-                problem = f"{type(error).__name__}: {error}" if not isinstance(error, (ValueError, LammpsRunError)) else str(error)
+                problem = (
+                    f"{type(error).__name__}: {error}"
+                    if not isinstance(error, (ValueError, LammpsRunError))
+                    else str(error)
+                )
             _raise_if_any(comm, problem)
             try:
                 _lammps_file(lmp, after, comm)
@@ -185,7 +207,9 @@ def run_input(
     finally:
         lmp.close()
     assert coupling is not None
-    calls = comm.allgather((coupling.steps, coupling.seconds, coupling.neighbor_list_builds))
+    calls = comm.allgather(
+        (coupling.steps, coupling.seconds, coupling.neighbor_list_builds)
+    )
     return {
         "rank": comm.rank,
         "ranks": comm.size,
@@ -206,7 +230,11 @@ def _lammps_file(lmp: Any, path: Path, comm: Any) -> None:
     except Exception as error:
         message = getattr(error, "message", None) or str(error)
         if type(error).__name__ == "MPIAbortException" and comm.size > 1:
-            print(f"LAMMPS error on rank {comm.rank}: {message}", file=sys.stderr, flush=True)
+            print(
+                f"LAMMPS error on rank {comm.rank}: {message}",
+                file=sys.stderr,
+                flush=True,
+            )
             comm.Abort(1)
         raise LammpsRunError(message) from error
 
