@@ -82,8 +82,9 @@ def attach(
     fix
         ID of the ``fix external pf/callback`` in the input.
     device, dtype, skin
-        As for `PESCalculator` (device: CPU unless given; one GPU per rank with
-        ``cuda:N``). ``skin`` (Å) is pes_calc's own Verlet skin between LAMMPS's
+        As for `PESCalculator` (device: CPU unless given; ``"cuda"`` on several
+        ranks gives each rank on a node its own GPU, local rank modulo the GPU
+        count; ``"cuda:N"`` is taken as given). ``skin`` (Å) is pes_calc's own Verlet skin between LAMMPS's
         re-neighbourings.
     neighbor_skin
         LAMMPS's neighbour skin (the ``neighbor`` command; 2 Å by default in units
@@ -107,6 +108,9 @@ def attach(
             if lmp.extract_setting("world_size") > 1
             else SingleRank()
         )
+    if str(device) == "cuda" and comm.size > 1:  # one GPU per rank on each node
+        local_rank = comm.Split_type(import_mpi().COMM_TYPE_SHARED).Get_rank()
+        device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
     if isinstance(dtype, str):
         dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     calculator = PESCalculator(model, device=device or "cpu", dtype=dtype, skin=skin)
