@@ -37,7 +37,8 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 from pes_calc import PESCalculator
 repeat, steps, model = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 atoms = ase.build.bulk("Cu", "fcc", a={lattice}, cubic=True).repeat((repeat,) * 3)
-MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=__import__("numpy").random.default_rng(0))
+import numpy
+MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=numpy.random.default_rng(0))
 atoms.calc = PESCalculator(model, device="cpu")
 dynamics = VelocityVerlet(atoms, timestep=1.0 * ase.units.fs)
 dynamics.run(3)
@@ -161,7 +162,8 @@ def main() -> None:
         f"{time.strftime('%Y-%m-%d %H:%M')}"
     )
     print(
-        "| atoms | ASE (ms/step) | ranks | LAMMPS (ms/step) | LAMMPS / ASE | speed-up over 1 rank | ghosts per rank | load |"
+        "| atoms | ASE (ms/step) | ranks | LAMMPS (ms/step) | LAMMPS / ASE "
+        "| speed-up over 1 rank | ghosts per rank | load |"
     )
     print("|---|---|---|---|---|---|---|---|")
     for atoms in args.sizes:
@@ -186,7 +188,8 @@ def main() -> None:
             }
             rows.append(row)
             print(
-                f"| {atoms} | {ase_ms:.1f} | {ranks} | {row['lammps_ms_per_step']:.1f} | "
+                f"| {atoms} | {ase_ms:.1f} | {ranks} "
+                f"| {row['lammps_ms_per_step']:.1f} | "
                 f"{row['ratio_to_ase']:.3f} | {row['speedup_over_one_rank']:.2f} | "
                 f"{row['ghosts_per_rank']:.0f} | {row['load']:.2f} |",
                 flush=True,

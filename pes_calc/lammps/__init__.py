@@ -84,8 +84,8 @@ def attach(
     device, dtype, skin
         As for `PESCalculator` (device: CPU unless given; ``"cuda"`` on several
         ranks gives each rank on a node its own GPU, local rank modulo the GPU
-        count; ``"cuda:N"`` is taken as given). ``skin`` (Å) is pes_calc's own Verlet skin between LAMMPS's
-        re-neighbourings.
+        count; ``"cuda:N"`` is taken as given). ``skin`` (Å) is pes_calc's own
+        Verlet skin between LAMMPS's re-neighbourings.
     neighbor_skin
         LAMMPS's neighbour skin (the ``neighbor`` command; 2 Å by default in units
         metal): how far atoms move before LAMMPS rebuilds its ghost atoms. The
