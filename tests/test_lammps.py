@@ -281,6 +281,29 @@ def test_ranks_split_the_box(equality_results):
     assert result["nghost"] > 0
 
 
+def test_a_classical_pair_style_adds_up(workdir):
+    """pair_style lj/cut on top: forces, energy and pressure are the sums."""
+    pair = "pair_style lj/cut 4.5\npair_coeff * * 0.01 2.3\n"
+    model = str(workdir / "allegro.safetensors")
+    jobs = [
+        {"model": model, "types": ["Cu", "Ag"], "run": "run 0",
+         "setup": setup(workdir / "bulk.data") + pair},
+        {"model": None, "types": ["Cu", "Ag"], "run": "run 0",
+         "setup": setup(workdir / "bulk.data") + pair},
+        {"model": model, "types": ["Cu", "Ag"], "run": "run 0",
+         "setup": setup(workdir / "bulk.data")},
+    ]
+    both, lj, alone = run_jobs(2, jobs, workdir)
+    assert np.abs(lj["forces"]).max() > 1e-3  # the pair style does something
+    np.testing.assert_allclose(
+        both["forces"], np.add(lj["forces"], alone["forces"]), rtol=0, atol=1e-10
+    )
+    assert abs(both["energy"] - (lj["energy"] + alone["energy"])) < 1e-9
+    np.testing.assert_allclose(
+        both["press"], np.add(lj["press"], alone["press"]), rtol=1e-10, atol=1e-6
+    )
+
+
 # -- the compiled artefact ------------------------------------------------------------
 
 
