@@ -286,12 +286,24 @@ def test_a_classical_pair_style_adds_up(workdir):
     pair = "pair_style lj/cut 4.5\npair_coeff * * 0.01 2.3\n"
     model = str(workdir / "allegro.safetensors")
     jobs = [
-        {"model": model, "types": ["Cu", "Ag"], "run": "run 0",
-         "setup": setup(workdir / "bulk.data") + pair},
-        {"model": None, "types": ["Cu", "Ag"], "run": "run 0",
-         "setup": setup(workdir / "bulk.data") + pair},
-        {"model": model, "types": ["Cu", "Ag"], "run": "run 0",
-         "setup": setup(workdir / "bulk.data")},
+        {
+            "model": model,
+            "types": ["Cu", "Ag"],
+            "run": "run 0",
+            "setup": setup(workdir / "bulk.data") + pair,
+        },
+        {
+            "model": None,
+            "types": ["Cu", "Ag"],
+            "run": "run 0",
+            "setup": setup(workdir / "bulk.data") + pair,
+        },
+        {
+            "model": model,
+            "types": ["Cu", "Ag"],
+            "run": "run 0",
+            "setup": setup(workdir / "bulk.data"),
+        },
     ]
     both, lj, alone = run_jobs(2, jobs, workdir)
     assert np.abs(lj["forces"]).max() > 1e-3  # the pair style does something
@@ -392,6 +404,28 @@ def test_npt_changes_the_volume_the_same_way_on_one_and_two_ranks(workdir, cu108
     start = 27 * 3.61**3
     assert abs(volumes[1] - start) > 1e-3 * start  # the barostat worked
     assert abs(volumes[1] - volumes[2]) < 1e-9 * start
+
+
+def test_minimize_descends_the_models_energy(workdir):
+    """LAMMPS's minimizer sees the model's energy (fix_modify energy yes): its line
+    searches succeed, the forces fall 20x, and the end point is the calculator's."""
+    job = {
+        "model": str(workdir / "soap_bpnn.safetensors"),
+        "types": ["Cu", "Ag"],
+        "setup": setup(workdir / "bulk.data"),
+        "run": "min_style cg\nminimize 0 1e-8 300 3000",
+    }
+    (result,) = run_jobs(2, [job], workdir)
+    atoms = reference_atoms(result, ["Cu", "Ag"])
+    numbers = calculator_numbers(atoms, job["model"])
+    start = ase.io.read(
+        workdir / "bulk.data", format="lammps-data", Z_of_type={1: 29, 2: 47}
+    )
+    start.calc = PESCalculator(job["model"], device="cpu")
+    assert np.linalg.norm(numbers["forces"]) < 0.05 * np.linalg.norm(start.get_forces())
+    assert numbers["energy"][0] < start.get_potential_energy() - 1.0
+    np.testing.assert_allclose(result["forces"], numbers["forces"], atol=1e-10)
+    assert abs(result["energy"] - numbers["energy"][0]) < 1e-10 * abs(result["energy"])
 
 
 def test_restart_file_continues_the_run(workdir, cu108):
