@@ -80,12 +80,17 @@ def compile_command(
 def info_command(model: Path, as_json: bool) -> None:
     """Show what MODEL (.safetensors or compiled .pt) holds."""
     from pes_calc.compile import read_artefact_metadata
-    from pes_calc.io import ModelFileError, read_metadata
+    from pes_calc.io import ModelFileError, is_checked, read_metadata
 
     try:
         if model.suffix == ".safetensors":
             metadata = read_metadata(model)
             metadata["artefact"] = "safetensors"
+            metadata["integrity"] = (
+                "SHA-256 of the metadata and of every tensor, checked at load"
+                if is_checked(model)
+                else "unchecked: written before pes_calc stored digests"
+            )
             from safetensors import safe_open
 
             with safe_open(str(model), framework="pt") as handle:
@@ -95,6 +100,7 @@ def info_command(model: Path, as_json: bool) -> None:
                 )
         else:
             metadata = read_artefact_metadata(model)
+            metadata["integrity"] = "zip CRC-32 of every member, checked at load"
     except ModelFileError as error:
         raise click.ClickException(str(error)) from error
     if as_json:
@@ -114,6 +120,7 @@ def info_command(model: Path, as_json: bool) -> None:
         ("device", metadata.get("device")),
         ("torch", metadata.get("torch_version")),
         ("pes_calc", metadata.get("pes_calc_version")),
+        ("integrity", metadata.get("integrity")),
     ]
     for name, value in rows:
         if value is not None:

@@ -420,6 +420,21 @@ def import_required(modules: Sequence[str]) -> None:
             ) from error
 
 
+def check_archive(path: Path) -> None:
+    """Raise `ModelFileError` if any member of a ``.pt``/``.pt2`` archive fails its
+    zip CRC-32 (a damaged byte in the code, the weights or the metadata)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as error:  # zipfile reports broken headers in several ways
+        raise ModelFileError(f"{path}: the archive is damaged: {error}") from error
+    if damaged is not None:
+        raise ModelFileError(
+            f"{path}: member {damaged} does not match its checksum (the file is "
+            "damaged)"
+        )
+
+
 def read_artefact_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata stored in a compiled artefact (``.pt`` or ``.pt2``), checked."""
     path = Path(path)
@@ -460,6 +475,7 @@ def load_artefact(
     if path.suffix == ".safetensors":
         return load_model(path).to(device), read_metadata(path)
     metadata = read_artefact_metadata(path)
+    check_archive(path)
     import_required(metadata.get("required_imports", []))
     if metadata.get("artefact") == "aotinductor":
         return _load_aotinductor(path, metadata, device), metadata

@@ -4,16 +4,21 @@ Layout of ``model.safetensors``:
 
 - tensors: the `Potential`'s state dict;
 - metadata (string → string): ``format`` = ``"pes_calc.model"``,
-  ``format_version`` = `FORMAT_VERSION`, and ``metadata``, one JSON document with
+  ``format_version`` = `FORMAT_VERSION`, ``metadata``, one JSON document with
   the architecture name, hyperparameters, species, cutoff, dtype, units, the
-  training-data statistics and LLPR settings where present.
+  training-data statistics and LLPR settings where present, and ``digests``: the
+  SHA-256 of the ``metadata`` string and of every tensor (name, dtype, shape and
+  bytes), checked at load, so a damaged byte anywhere is a `ModelFileError` that
+  names the tensor. Files written before digests existed load unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,21 @@ UNITS = {"energy": "eV", "length": "Å"}
 
 class ModelFileError(ValueError):
     """A model file that is missing, foreign, corrupted, truncated or too new."""
+
+
+DIGESTS_KEY = "digests"
+
+
+def tensor_digest(name: str, tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's name, dtype, shape and bytes."""
+    digest = hashlib.sha256(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+    flat = tensor.detach().cpu().contiguous().reshape(-1)
+    digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def model_metadata(model: Potential | LLPR) -> dict[str, Any]:
@@ -76,10 +96,16 @@ def save_model(model: Potential | LLPR, path: str | os.PathLike) -> None:
         name: tensor.detach().contiguous().cpu()
         for name, tensor in model_state(model).items()
     }
+    document = json.dumps(model_metadata(model))
+    digests = {
+        "metadata": _text_digest(document),
+        "tensors": {name: tensor_digest(name, t) for name, t in tensors.items()},
+    }
     metadata = {
         "format": FORMAT_TAG,
         "format_version": str(FORMAT_VERSION),
-        "metadata": json.dumps(model_metadata(model)),
+        "metadata": document,
+        DIGESTS_KEY: json.dumps(digests),
     }
     save_file(tensors, str(path), metadata=metadata)
 
@@ -118,9 +144,67 @@ def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     if version < 1:
         raise ModelFileError(f"{path} has an invalid format version {version}")
     try:
-        return json.loads(header["metadata"])
+        metadata = json.loads(header["metadata"])
     except (KeyError, json.JSONDecodeError) as error:
         raise ModelFileError(f"{path} has damaged metadata: {error}") from error
+    digests = _stored_digests(path, header)
+    written = None if digests is None else digests.get("metadata")
+    if digests is not None and written != _text_digest(header["metadata"]):
+        raise ModelFileError(
+            f"{path}: its metadata does not match the digest written with it "
+            "(the file is damaged)"
+        )
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"{path} has damaged metadata: not a JSON object")
+    return metadata
+
+
+def _stored_digests(path: Path, header: dict[str, str]) -> dict[str, Any] | None:
+    """The digests in a file's header; None for files written before them."""
+    if DIGESTS_KEY not in header:
+        return None
+    try:
+        digests = json.loads(header[DIGESTS_KEY])
+        tensors = digests.get("tensors") if isinstance(digests, dict) else None
+        if not isinstance(tensors, dict):
+            raise ValueError("not a digest table")
+    except ValueError as error:
+        raise ModelFileError(f"{path} has damaged digests: {error}") from error
+    return digests
+
+
+def is_checked(path: str | os.PathLike) -> bool:
+    """Whether a model file carries digests (files before them load unchecked)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return DIGESTS_KEY in (handle.metadata() or {})
+
+
+def check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise `ModelFileError` naming the first tensor whose bytes do not match the
+    digest written at save; warn once if the file has no digests."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        digests = _stored_digests(path, handle.metadata() or {})
+    if digests is None:
+        warnings.warn(
+            f"{path} was written before pes_calc stored digests: its bytes cannot be "
+            "checked (save_model(load_model(path), path) adds them)",
+            stacklevel=3,
+        )
+        return
+    expected = digests["tensors"]
+    if set(expected) != set(tensors):
+        names = sorted(set(expected) ^ set(tensors))
+        raise ModelFileError(f"{path}: tensors {names[:5]} differ from those written")
+    for name, tensor in tensors.items():
+        if tensor_digest(name, tensor) != expected[name]:
+            raise ModelFileError(
+                f"{path}: the bytes of tensor {name!r} do not match the digest "
+                "written with them (the file is damaged)"
+            )
 
 
 def load_model(path: str | os.PathLike) -> Potential | LLPR:
@@ -137,6 +221,7 @@ def load_model(path: str | os.PathLike) -> Potential | LLPR:
         raise ModelFileError(
             f"{path}: the weights cannot be read (truncated or corrupted?): {error}"
         ) from error
+    check_tensors(Path(path), tensors)
     try:
         model = build_model(
             {"name": metadata["architecture"], "model": metadata["model"]},

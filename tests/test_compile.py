@@ -10,8 +10,10 @@ must fall back to eager.
 from __future__ import annotations
 
 import json
+import struct
 import subprocess
 import sys
+import zipfile
 
 import ase
 import ase.build
@@ -30,6 +32,7 @@ from pes_calc.compile import (
     load_artefact,
     read_artefact_metadata,
 )
+from pes_calc.io import ModelFileError
 from pes_calc.llpr import LLPR, wrap
 from pes_calc.neighbors import atoms_to_graph
 from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
@@ -300,3 +303,19 @@ def test_export_formulations_give_the_eager_numbers(architecture, hypers):
     result = model(graph)
     for key in (keys.ENERGY, keys.FORCES, keys.STRESS):
         torch.testing.assert_close(result[key], expected[key], rtol=1e-10, atol=1e-12)
+
+
+def test_a_damaged_package_is_refused(package, tmp_path):
+    """A flipped byte inside the compiled code fails the member's zip checksum."""
+    with zipfile.ZipFile(package) as archive:
+        largest = max(archive.infolist(), key=lambda info: info.compress_size)
+    data = bytearray(package.read_bytes())
+    (name_length, extra_length) = struct.unpack(
+        "<HH", data[largest.header_offset + 26 : largest.header_offset + 30]
+    )
+    start = largest.header_offset + 30 + name_length + extra_length
+    data[start + largest.compress_size // 2] ^= 0x01
+    damaged = tmp_path / "damaged.pt2"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="does not match its checksum"):
+        load_artefact(damaged)

@@ -57,8 +57,12 @@ def graph():
 
 
 def _header(path):
+    """The header without its digests: the files these tests forge are checked by
+    their content, as files written before digests are."""
     with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata())
+        header = dict(handle.metadata())
+    header.pop("digests", None)
+    return header
 
 
 def test_round_trip_same_state_dict(model, saved):

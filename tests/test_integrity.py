@@ -1,0 +1,142 @@
+"""Damaged model files: a flipped byte anywhere, a truncation or a forged header
+ends in `ModelFileError`, never in a number or another exception."""
+
+import json
+import struct
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from pes_calc import build_model, load_model, save_model
+from pes_calc.compile import compile_model, load_artefact
+from pes_calc.io import ModelFileError, is_checked
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    model = build_model(
+        "soap_bpnn",
+        ["Cu", "Ag"],
+        model_dtype="float64",
+        seed=0,
+        soap={"max_angular": 2, "max_radial": 2},
+        bpnn={"num_hidden_layers": 1, "num_neurons_per_layer": 6},
+    )
+    path = tmp_path_factory.mktemp("integrity") / "model.safetensors"
+    save_model(model, path)
+    return path
+
+
+def layout(path):
+    """(header length, header JSON, start of the data) of a safetensors file."""
+    data = path.read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    return length, json.loads(data[8 : 8 + length]), 8 + length
+
+
+def flipped(path, position, out):
+    data = bytearray(path.read_bytes())
+    data[position] ^= 0x10
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_saved_files_carry_digests(saved):
+    assert is_checked(saved)
+    _, header, _ = layout(saved)
+    digests = json.loads(header["__metadata__"]["digests"])
+    assert set(digests["tensors"]) == {k for k in header if k != "__metadata__"}
+
+
+def test_a_flipped_byte_in_each_tensor_names_it(saved, tmp_path):
+    _, header, start = layout(saved)
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = entry["data_offsets"]
+        if begin == end:
+            continue
+        damaged = flipped(
+            saved, start + (begin + end) // 2, tmp_path / "damaged.safetensors"
+        )
+        with pytest.raises(ModelFileError, match=f"tensor '{name}'"):
+            load_model(damaged)
+
+
+def test_changed_metadata_is_caught(saved, tmp_path):
+    # same length, valid JSON, another cutoff: only the digest can tell
+    data = saved.read_bytes()
+    changed = data.replace(b'\\"radius\\": 5.0', b'\\"radius\\": 4.0', 1)
+    assert changed != data
+    (tmp_path / "changed.safetensors").write_bytes(changed)
+    with pytest.raises(ModelFileError, match="metadata does not match the digest"):
+        load_model(tmp_path / "changed.safetensors")
+
+
+def test_files_before_digests_load_unchecked(saved, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(saved), framework="pt") as handle:
+        header = dict(handle.metadata())
+    del header["digests"]
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(saved)), str(old), metadata=header)
+    assert not is_checked(old)
+    with pytest.warns(UserWarning, match="cannot be checked"):
+        model = load_model(old)
+    reference = load_model(saved).state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items())
+
+
+def test_hundreds_of_mutations_end_in_model_file_error(saved, tmp_path):
+    """Single-byte flips anywhere, truncations, a forged header length: each load
+    either fails with ModelFileError or (a flip that changes nothing read) gives
+    exactly the original weights."""
+    original = {k: v.clone() for k, v in load_model(saved).state_dict().items()}
+    data = saved.read_bytes()
+    rng = np.random.default_rng(0)
+    mutants = []
+    for position in rng.choice(len(data), size=240, replace=False):
+        mutant = bytearray(data)
+        mutant[position] ^= 1 << int(rng.integers(8))
+        mutants.append(bytes(mutant))
+    for length in rng.choice(len(data), size=40, replace=False):
+        mutants.append(data[:length])
+    for value in (0, 7, len(data), 2**40):
+        mutants.append(struct.pack("<Q", value) + data[8:])
+    outcomes = {"error": 0, "unchanged": 0}
+    path = tmp_path / "mutant.safetensors"
+    for mutant in mutants:
+        path.write_bytes(mutant)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                model = load_model(path)
+        except ModelFileError:
+            outcomes["error"] += 1
+            continue
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in original.items())
+        outcomes["unchanged"] += 1
+    assert outcomes["error"] >= 0.9 * len(mutants), outcomes
+
+
+def test_damaged_torchscript_archive(saved, tmp_path):
+    artefact = tmp_path / "model.pt"
+    compile_model(load_model(saved), artefact, mode="torchscript")
+    data = artefact.read_bytes()
+    rng = np.random.default_rng(1)
+    errors = 0
+    for position in rng.choice(len(data), size=40, replace=False):
+        damaged = flipped(artefact, int(position), tmp_path / "damaged.pt")
+        try:
+            load_artefact(damaged)
+        except ModelFileError:
+            errors += 1
+        except Exception as error:  # noqa: BLE001
+            pytest.fail(f"byte {position}: {type(error).__name__}: {error}")
+    assert errors >= 36, errors  # a few land in zip padding, which nothing reads
+    del data
