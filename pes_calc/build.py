@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from ase.data import atomic_numbers
 
+from pes_calc.choices import DTYPES, as_dtype
 from pes_calc.nn.zbl import ZBL
 from pes_calc.potential import Architecture, Potential
 
@@ -28,7 +29,6 @@ POTENTIAL_DEFAULTS: dict[str, Any] = {
     "seed": None,
 }
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 def _registry() -> dict[str, tuple[dict, Callable[..., Architecture]]]:
@@ -128,8 +128,9 @@ def build_model(
 
     defaults, architecture_class = registry[name]
     merged = merge_hypers({**defaults, **POTENTIAL_DEFAULTS}, hypers)
-    if merged["model_dtype"] not in DTYPES:
-        raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}")
+    # torch.float64 or "float64": the config (and the model file) keeps the name
+    dtype = as_dtype(merged["model_dtype"], "model_dtype")
+    merged["model_dtype"] = str(dtype).removeprefix("torch.")
     config = {"name": name, "species": species, "model": merged}
     with float64_default():
         if merged["seed"] is None:  # initialised from (and advancing) the global RNG

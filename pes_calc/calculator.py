@@ -24,6 +24,7 @@ from ase.calculators.calculator import (
 from ase.stress import full_3x3_to_voigt_6_stress
 
 from pes_calc import keys
+from pes_calc.choices import as_device, as_dtype
 from pes_calc.graph import AtomicGraph, edge_vectors
 from pes_calc.neighbors import Backend, atoms_to_graph, check_geometry
 
@@ -46,7 +47,8 @@ class PESCalculator(Calculator):
     device
         ``"cuda"`` when available, else ``"cpu"``, unless given.
     dtype
-        Float type to run in; the model's by default.
+        Float type to run in (``torch.float64`` or ``"float64"``, ...); the
+        model's by default.
     skin
         Verlet skin in Å: neighbours are listed within cutoff + skin and the list is
         rebuilt only after an atom moves more than skin/2. 0 rebuilds every call.
@@ -79,7 +81,7 @@ class PESCalculator(Calculator):
         self,
         model: torch.nn.Module | str | os.PathLike,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | str | None = None,
         skin: float = 0.5,
         neighbor_backend: Backend | None = None,
         ensemble_forces: bool = False,
@@ -89,8 +91,9 @@ class PESCalculator(Calculator):
         from pes_calc.compile import load_artefact
         from pes_calc.io import model_metadata
 
-        self.device = torch.device(
-            device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = as_dtype(dtype)
+        self.device = as_device(device) or torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"
         )
         if isinstance(model, (str, os.PathLike)):
             model, self.metadata = load_artefact(model, self.device)

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING
 import click
 import torch
 
+from pes_calc.choices import DTYPES
 from pes_calc.compile import MODIFIERS
 
 if TYPE_CHECKING:
     import ase
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,6 +59,7 @@ def compile_command(
     version, device, dtype, CPU threads and pes_calc's source in $PES_CALC_CACHE_DIR
     (default ~/.cache/pes_calc).
     """
+    check_output_path(output, "--output")
     from pes_calc.compile import compile_model
     from pes_calc.io import ModelFileError, load_model
 
@@ -125,9 +126,51 @@ def info_command(model: Path, as_json: bool) -> None:
     for name, value in rows:
         if value is not None:
             click.echo(f"  {name:<14} {value}")
+    _echo_training(metadata)
     click.echo("  hyperparameters:")
     for line in json.dumps(metadata["model"], indent=2).splitlines()[1:-1]:
         click.echo(f"  {line}")
+
+
+def _echo_training(metadata: dict) -> None:
+    """Epochs, stored validation/test errors, data statistics and LLPR settings."""
+    training = metadata.get("training") or {}
+    if training.get("epochs_run") is not None:
+        click.echo(
+            f"  {'epochs':<14} {training['epochs_run']} run, best "
+            f"{training.get('best_epoch')} ({training.get('training_time_s')} s)"
+        )
+    for name, value in (training.get("data") or {}).items():
+        click.echo(f"  {name + ' data':<14} {value}")
+    units = {"energy_per_atom": "meV/atom", "forces": "meV/Å", "stress": "meV/Å³"}
+    for split in ("val", "test"):
+        metrics = training.get(f"{split}_metrics") or {}
+        parts = [
+            f"{quantity} {1000 * metrics[f'{quantity}_rmse']:.3g} {unit}"
+            for quantity, unit in units.items()
+            if metrics.get(f"{quantity}_rmse") is not None
+        ]
+        if parts:
+            structures = metrics.get("num_structures")
+            click.echo(
+                f"  {split + ' RMSE':<14} {', '.join(parts)}"
+                + (f" ({structures} structures)" if structures else "")
+            )
+    stats = metadata.get("training_data_stats") or {}
+    if stats:
+        shown = ", ".join(
+            f"{k} {v:.4g}" for k, v in stats.items() if isinstance(v, (int, float))
+        )
+        click.echo(f"  {'data stats':<14} {shown}")
+    llpr = metadata.get("llpr") or {}
+    if llpr:
+        members = (llpr.get("num_ensemble_members") or {}).get("energy", 0)
+        alpha = llpr.get("multiplier")
+        alpha = f"{alpha:.4g}" if isinstance(alpha, (int, float)) else alpha
+        click.echo(
+            f"  {'LLPR':<14} {members} ensemble members, calibration "
+            f"{llpr.get('calibration_method')}, α = {alpha}"
+        )
 
 
 @main.command("md")
@@ -225,6 +268,10 @@ def md_command(
     if on_uncertain == "record" and uncertain_structures is None:
         directory = trajectory.parent if trajectory is not None else Path()
         uncertain_structures = directory / "uncertain.xyz"
+    for option, path in (("--trajectory", trajectory), ("--log", log),
+                         ("--uncertain-structures", uncertain_structures),
+                         ("--uncertainty-log", uncertainty_log)):
+        check_output_path(path, option)
     _set_up_torch(device, threads)
     atoms = _read_structure(structure, index)
     watch = None
@@ -374,6 +421,7 @@ def eval_command(
     )
     from pes_calc.train.evaluation import CALIBRATED, calibration_plot
 
+    check_output_path(plot, "--plot")
     try:
         module, metadata = load_artefact(model, device)
         graphs = load_graphs(
@@ -570,11 +618,28 @@ def lammps_command(
         if summary["stopped_uncertain"] is not None:
             step, largest = summary["stopped_uncertain"]
             click.echo(
-                f"pes-calc lammps: stopped at step {step}: an atom's energy uncertainty "
-                f"{largest:.4g} eV > --max-uncertainty {max_uncertainty} eV "
+                f"pes-calc lammps: stopped at step {step}: an atom's energy "
+                f"uncertainty {largest:.4g} eV > --max-uncertainty {max_uncertainty} eV "
                 f"(structure appended to {record_to})",
                 err=True,
             )
+
+
+def check_output_path(path: Path | None, option: str) -> None:
+    """Refuse, before any work, an output file that could not be written."""
+    if path is None:
+        return
+    directory = path.parent if str(path.parent) else Path()
+    if path.is_dir():
+        raise click.BadParameter(f"{path} is a directory", param_hint=option)
+    if not directory.is_dir():
+        raise click.BadParameter(
+            f"the directory {directory} does not exist (create it first)",
+            param_hint=option,
+        )
+    writable = os.access(path if path.exists() else directory, os.W_OK)
+    if not writable:
+        raise click.BadParameter(f"{path} cannot be written here", param_hint=option)
 
 
 def _set_up_torch(device: str | None, threads: int | None) -> None:

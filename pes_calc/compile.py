@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from pes_calc import keys
+from pes_calc.choices import as_device, as_dtype
 from pes_calc.graph import AtomicGraph
 from pes_calc.io import (
     FORMAT_TAG,
@@ -94,7 +95,7 @@ def compile_model(
     *,
     mode: str = "torchscript",
     device: str | torch.device = "cpu",
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     modifiers: Sequence[str] = (),
 ) -> None:
     """Write ``model`` as a compiled artefact at ``path``.
@@ -111,6 +112,8 @@ def compile_model(
     """
     if mode not in MODES:
         raise ValueError(f"unknown compile mode {mode!r}; choose from {MODES}")
+    dtype = as_dtype(dtype)
+    device = as_device(device) or torch.device("cpu")
     # modifiers, .to() and .eval() act in place: work on a copy of the caller's model
     model = apply_modifiers(copy.deepcopy(model), modifiers)
     if dtype is not None:

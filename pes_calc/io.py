@@ -108,6 +108,22 @@ def save_model(model: Potential | LLPR, path: str | os.PathLike) -> None:
         DIGESTS_KEY: json.dumps(digests),
     }
     save_file(tensors, str(path), metadata=metadata)
+    # safetensors creates files 0600; give them the mode any other file would get
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux says it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:

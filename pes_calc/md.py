@@ -102,7 +102,8 @@ class MDSummary:
         lines = [
             f"{self.ensemble} MD: {self.num_atoms} atoms, "
             f"{self.steps}/{self.requested_steps} steps of {self.timestep_fs:g} fs "
-            f"in {self.wall_time_s:.2f} s ({self.ms_per_step:.2f} ms/step)",
+            f"in {self.wall_time_s:.2f} s "
+            + (f"({self.ms_per_step:.2f} ms/step)" if self.steps else "(no steps run)"),
             f"  final temperature  {self.final_temperature:.1f} K",
         ]
         if self.energy_drift_per_atom is not None:

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from ase.data import atomic_numbers
 
+from pes_calc.choices import as_device, as_dtype
 from pes_calc.graph import AtomicGraph
 
 Backend = Literal["vesin", "vesin-torch"]
@@ -97,7 +98,7 @@ def atoms_to_graph(
     species: Sequence[str],
     cutoff: float,
     *,
-    dtype: torch.dtype = torch.float64,
+    dtype: torch.dtype | str = torch.float64,
     device: torch.device | str = "cpu",
     backend: Backend | None = None,
 ) -> AtomicGraph:
@@ -117,7 +118,8 @@ def atoms_to_graph(
         ``"vesin"`` (numpy, CPU) or ``"vesin-torch"``; ``None`` picks vesin-torch on
         CUDA and vesin on CPU.
     """
-    device = torch.device(device)
+    device = as_device(device)
+    dtype = as_dtype(dtype)
     backend = backend or ("vesin-torch" if device.type == "cuda" else "vesin")
     positions = np.asarray(atoms.positions, dtype=np.float64)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)

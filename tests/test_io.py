@@ -341,3 +341,12 @@ def test_a_deep_copied_nequip_round_trips(tmp_path):
     expected, got = model(graph), loaded(graph)
     for name in ("energy", "forces", "stress"):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def test_saved_files_get_the_users_umask(tmp_path, model):
+    import os
+
+    save_model(model, tmp_path / "m.safetensors")
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from pes_calc import keys
+from pes_calc.choices import as_dtype
 from pes_calc.graph import AtomicGraph, atoms_per_structure
 from pes_calc.train.data import batch_order, iterate_batches
 
@@ -197,6 +198,7 @@ def evaluate(
     predictions against labels; ``loss_fn`` (a `TotalLoss`) is also evaluated per
     batch. Predicted ``energy_uncertainty`` and ``forces_uncertainty`` (an `LLPR`
     with ``ensemble_forces`` on) are collected with their residuals."""
+    dtype = as_dtype(dtype)
     if dtype is None:
         dtype = next(iter(model.parameters())).dtype
     labels = set(graphs[0].properties) if graphs else set()

@@ -1,0 +1,62 @@
+"""The pes-calc command line: what `info` shows without --json."""
+
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from pes_calc.cli import main
+
+SHIPPED = Path(__file__).parents[1] / "models" / "cu-emt-soap-bpnn-llpr.safetensors"
+
+
+def test_info_text_shows_errors_epochs_statistics_and_integrity():
+    result = CliRunner().invoke(main, ["info", str(SHIPPED)])
+    assert result.exit_code == 0, result.output
+    for expected in (
+        "epochs         250 run, best 244",
+        "test RMSE",
+        "forces 37.7 meV/Å",
+        "data stats",
+        "num_neighbors_mean 39.83",
+        "LLPR",
+        "16 ensemble",
+        "integrity      SHA-256",
+    ):
+        assert expected in result.output, expected
+
+
+def test_md_refuses_an_unwritable_output_before_loading(tmp_path):
+    structure = SHIPPED.parents[1] / "data" / "cu-emt" / "structures" / "cu-fcc-108.xyz"
+    result = CliRunner().invoke(
+        main,
+        [
+            "md",
+            str(SHIPPED),
+            str(structure),
+            "--steps",
+            "2",
+            "--trajectory",
+            str(tmp_path / "no" / "such" / "md.traj"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "--trajectory" in result.output and "does not exist" in result.output
+
+
+def test_md_with_zero_steps_says_so(tmp_path):
+    structure = SHIPPED.parents[1] / "data" / "cu-emt" / "structures" / "cu-fcc-108.xyz"
+    result = CliRunner().invoke(
+        main,
+        [
+            "md",
+            str(SHIPPED),
+            str(structure),
+            "--steps",
+            "0",
+            "--quiet",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "(no steps run)" in result.output and "nan" not in result.output
