@@ -14,7 +14,6 @@ Forces and stress come from one backward pass over (positions, strain); σ and �
 the per-type energy scales and shifts. Units: eV, Å, eV/Å, eV/Å³ (ASE's stress sign).
 """
 
-
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -118,24 +117,35 @@ class Potential(nn.Module):
         strained = with_positions_and_cell(
             graph,
             positions
-            + torch.bmm(positions.unsqueeze(1), strain[graph.structure_index]).squeeze(1),
+            + torch.bmm(positions.unsqueeze(1), strain[graph.structure_index]).squeeze(
+                1
+            ),
             graph.cell + torch.bmm(graph.cell, strain),
         )
 
         vectors = edge_vectors(strained)  # (E, 3)
-        raw_energies, features = self.architecture(strained, vectors)
-        energies = (
-            raw_energies * self.per_type_energy_scales[graph.species]
-            + self.per_type_energy_shifts[graph.species]
-        )
-        if self.pair_potential is not None:
-            energies = energies + self._pair_energies(graph, vectors)
+        energies, features = self.energies_from_vectors(strained, vectors)
         outputs: Dict[str, Tensor] = {
             keys.ENERGY: sum_per_structure(energies, graph),
             keys.ENERGIES: energies,
             keys.LAST_LAYER_FEATURES: features,
         }
         return outputs, positions, strain
+
+    def energies_from_vectors(
+        self, graph: AtomicGraph, vectors: Tensor
+    ) -> Tuple[Tensor, Tensor]:
+        """Per-atom energies E_i (N,), eV, and last-layer features from the (E, 3)
+        edge vectors (Å), which may be autograd inputs of their own (per-atom
+        virials need ∂E/∂r_ij)."""
+        raw_energies, features = self.architecture(graph, vectors)
+        energies = (
+            raw_energies * self.per_type_energy_scales[graph.species]
+            + self.per_type_energy_shifts[graph.species]
+        )
+        if self.pair_potential is not None:
+            energies = energies + self._pair_energies(graph, vectors)
+        return energies, features
 
     def add_derivatives(
         self,

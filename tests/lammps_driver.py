@@ -30,6 +30,8 @@ def run_job(lammps, comm, job: dict) -> dict:
             )
         lmp.commands_string(job.get("after_attach", ""))
         lmp.command("compute pe_atom all pe/atom")
+        if job.get("per_atom_virial"):  # LAMMPS asks for the per-atom virial
+            lmp.command("compute stress_atom all stress/atom NULL virial")
         lmp.command("thermo_style custom step pe etotal press vol")
         thermo = []
         for _ in range(job.get("repeat", 1)):
@@ -69,6 +71,8 @@ def run_job(lammps, comm, job: dict) -> dict:
             "procgrid": list(lmp.extract_global("procgrid")),
             "nghost": lmp.extract_setting("nghost"),
         }
+        if job.get("per_atom_virial"):
+            result["stress_atom"] = gathered("c_stress_atom", 6, atom=False)
         if coupling is not None and coupling.calculator.is_llpr:
             result["uncertainty"] = [
                 u[0] for u in gathered("d_energy_uncertainty", 1, atom=False)

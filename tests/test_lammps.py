@@ -185,6 +185,17 @@ def equality_jobs(workdir: Path) -> list:
                 "run": "run 0",
             }
         )
+    for model in ("soap_bpnn", "nequip", "allegro"):
+        jobs.append(
+            {
+                "name": f"{model}/virial",
+                "model": str(workdir / f"{model}.safetensors"),
+                "types": ["Cu", "Ag"],
+                "setup": setup(workdir / "triclinic.data"),
+                "run": "run 0",
+                "per_atom_virial": True,
+            }
+        )
     # shipped float32 models (Cu only: both types are copper)
     for model in (SHIPPED, SHIPPED_LLPR):
         jobs.append(
@@ -272,6 +283,28 @@ def calculator_numbers(atoms: ase.Atoms, model, dtype=None) -> dict:
             "energies_uncertainty", atoms
         )
     return numbers
+
+
+@pytest.mark.parametrize("model", ["soap_bpnn", "nequip", "allegro"])
+def test_per_atom_virial(equality_results, model):
+    """compute stress/atom: the per-atom virial, -1/2 sum over each atom's edges of
+    r_ij (x) dE/dr_ij, the same on every rank count and summing to the global one."""
+    from pes_calc.lammps.rank_graph import per_atom_virial
+    from pes_calc.neighbors import atoms_to_graph
+
+    job, result = equality_results[f"{model}/virial"]
+    assert result["error"] is None
+    atoms = reference_atoms(result, ["Cu", "Ag"])
+    calculator = PESCalculator(job["model"], device="cpu")
+    graph = atoms_to_graph(atoms, calculator.species, calculator.cutoff)
+    expected = per_atom_virial(calculator.model, graph, len(atoms))  # xx yy zz xy xz yz
+    lammps = -np.asarray(result["stress_atom"]) / result["nktv2p"]  # eV
+    np.testing.assert_allclose(
+        lammps, expected, rtol=0, atol=1e-10 * np.abs(expected).max()
+    )
+    volume = atoms.get_volume()
+    total = np.asarray(result["press"]) * volume / result["nktv2p"]  # W = P V
+    np.testing.assert_allclose(lammps.sum(axis=0), total, rtol=1e-9, atol=1e-10)
 
 
 def test_ranks_split_the_box(equality_results):

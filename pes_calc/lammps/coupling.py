@@ -43,6 +43,7 @@ from pes_calc.lammps.rank_graph import (
     graph_now,
     local_energy_derivatives,
     model_derivatives,
+    per_atom_virial,
 )
 
 ERROR_VARIABLE = "pes_calc_error"
@@ -145,21 +146,24 @@ class LammpsCoupling:
         problem: str | None = None
         if self.exchange.unowned:
             problem = f"{self.exchange.unowned} ghost atoms have no owner on any rank"
-        forces = np.zeros((nlocal, 3))
+        # forces, plus the per-atom virial on steps where LAMMPS asks for it
+        # (LAMMPS keeps the last step that tallies per-atom virials, not a flag)
+        width = 9 if lmp.extract_global("vflag_atom") == step else 3
+        local = np.zeros((nlocal, width))
         energies = np.zeros(nlocal)
         uncertainties = np.zeros(nlocal)
         virial = np.zeros(6)
-        remote = np.zeros((self._num_remote, 3))
+        remote = np.zeros((self._num_remote, width))
         displacement = 0.0
         if not problem:
             try:
                 displacement = self._displacement(positions, nlocal)
-                forces, energies, uncertainties, virial, remote = self._evaluate(
-                    positions, nlocal
+                local, energies, uncertainties, virial, remote = self._evaluate(
+                    positions, nlocal, width == 9
                 )
             except Exception as error:  # every rank must still reach the collectives
                 problem = f"{type(error).__name__}: {error}"
-        self.exchange.send(remote, forces)
+        self.exchange.send(remote, local)
 
         reports = np.array(
             self.comm.allgather(
@@ -184,7 +188,11 @@ class LammpsCoupling:
         if reports[:, 1].any():
             self._stop_with_error(step, problem or None, fext)
         else:
-            fext[:nlocal] = forces
+            fext[:nlocal] = local[:, :3]
+            if width == 9:
+                lmp.numpy.fix_external_set_virial_peratom(
+                    self.fix, np.ascontiguousarray(local[:, 3:])
+                )
             # LAMMPS adds a fix's energy and virial after its sum over ranks: totals
             lmp.fix_external_set_energy_global(self.fix, float(reports[:, 0].sum()))
             lmp.fix_external_set_virial_global(
@@ -244,17 +252,12 @@ class LammpsCoupling:
         moved = positions[self._tracked] - self._reneighboured_at
         return float(np.sqrt((moved**2).sum(axis=1).max(initial=0.0)))
 
-    def _evaluate(self, positions: np.ndarray, nlocal: int):  # noqa: ANN202
-        """Forces on local atoms, per-atom energies and uncertainties, the rank's
-        virial (LAMMPS order xx yy zz xy xz yz, eV) and forces on remote ghosts."""
+    def _evaluate(self, positions: np.ndarray, nlocal: int, with_atom_virial: bool):  # noqa: ANN202
+        """Forces (and with ``with_atom_virial`` per-atom virials, 6 more columns)
+        on local atoms and on remote ghosts, per-atom energies and uncertainties,
+        and the rank's virial (LAMMPS order xx yy zz xy xz yz, eV)."""
         if self.error:
             raise ValueError(self.error)
-        if self.lmp.extract_global("vflag_atom"):
-            raise NotImplementedError(
-                "a per-atom virial was asked for (compute stress/atom or similar): "
-                "pes_calc's fix external provides energies, forces and the global "
-                "virial only"
-            )
         assert self._selection is not None
         calculator = self.calculator
         if self._graph is None or self._graph.moved_past(positions, 0.5 * self.skin):
@@ -285,13 +288,17 @@ class LammpsCoupling:
             )
         gradient = derivatives.strain_gradient
         virial = -gradient[[0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]]
-        forces = derivatives.node_forces[:nlocal].copy()
-        ghost_forces = derivatives.node_forces[nlocal:]
+        node_values = derivatives.node_forces
+        if with_atom_virial:
+            atom_virial = per_atom_virial(self._eager_model(), graph, nlocal)
+            node_values = np.concatenate([node_values, atom_virial], axis=1)
+        local = node_values[:nlocal].copy()
+        ghosts = node_values[nlocal:]
         own = rank_graph.own_local >= 0
-        np.add.at(forces, rank_graph.own_local[own], ghost_forces[own])
-        remote = np.zeros((self._num_remote, 3))
-        np.add.at(remote, rank_graph.remote_slot[~own], ghost_forces[~own])
-        return forces, derivatives.energies, derivatives.uncertainties, virial, remote
+        np.add.at(local, rank_graph.own_local[own], ghosts[own])
+        remote = np.zeros((self._num_remote, node_values.shape[1]))
+        np.add.at(remote, rank_graph.remote_slot[~own], ghosts[~own])
+        return local, derivatives.energies, derivatives.uncertainties, virial, remote
 
     def _eager_model(self) -> torch.nn.Module:
         """A model whose per-atom energies autograd can differentiate: an
@@ -300,9 +307,9 @@ class LammpsCoupling:
         if hasattr(model, "eager") and hasattr(model, "compiled"):
             if not self._warned_eager and self.comm.rank == 0:
                 warnings.warn(
-                    "message passing across ranks runs the eager model inside the "
-                    ".pt2 package (its compiled graph differentiates all atoms' "
-                    "energies); use one rank for the compiled speed",
+                    "message passing across ranks and per-atom virials run the "
+                    "eager model inside the .pt2 package (its compiled graph "
+                    "differentiates only the total energy)",
                     stacklevel=2,
                 )
             self._warned_eager = True

@@ -191,6 +191,37 @@ def local_energy_derivatives(
     )
 
 
+def per_atom_virial(
+    model: torch.nn.Module, graph: AtomicGraph, nlocal: int
+) -> np.ndarray:
+    """(nodes, 6) per-atom virial W_i, eV, in LAMMPS's order xx yy zz xy xz yz:
+    -1/2 Σ over the edges e of atom i (as centre or neighbour) of sym(r_e ⊗ ∂E/∂r_e),
+    with E the local atoms' energy. The rows sum to the rank's virial -∂E/∂ε.
+
+    Needs the edge vectors as autograd inputs: a `Potential` (or `LLPR`) in eager or
+    TorchScript form; an AOTInductor package's eager model.
+    """
+    potential = model.potential if hasattr(model, "potential") else model
+    vectors = edge_vectors(graph).detach().requires_grad_(True)
+    with torch.jit.optimized_execution(False):
+        energies, _ = potential.energies_from_vectors(graph, vectors)
+    (gradient,) = torch.autograd.grad(
+        energies[:nlocal].sum(), [vectors], allow_unused=True
+    )
+    if gradient is None:
+        gradient = torch.zeros_like(vectors)
+    outer = vectors.detach().unsqueeze(2) * gradient.unsqueeze(1)  # (E, 3, 3)
+    outer = 0.5 * (outer + outer.transpose(1, 2))
+    rows, columns = [0, 1, 2, 0, 0, 1], [0, 1, 2, 1, 2, 2]
+    half = -0.5 * outer[:, rows, columns].to(torch.float64)  # (E, 6)
+    virial = torch.zeros(
+        graph.positions.shape[0], 6, dtype=torch.float64, device=half.device
+    )
+    virial.index_add_(0, graph.edge_index[0], half)
+    virial.index_add_(0, graph.edge_index[1], half)
+    return virial.cpu().numpy()
+
+
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.detach().to("cpu", torch.float64).numpy()
 
