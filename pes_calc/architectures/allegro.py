@@ -33,9 +33,9 @@ import torch
 from e3nn import o3
 from torch import Tensor, nn
 
+import pes_calc.nn.gather  # noqa: F401 (registers torch.ops.pes_calc.gathered_matvec)
 from pes_calc.build import merge_hypers
 from pes_calc.graph import AtomicGraph, number_of_atoms
-import pes_calc.nn.gather  # noqa: F401 (registers torch.ops.pes_calc.gathered_matvec)
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP, normalized_init_, readout
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
@@ -64,6 +64,8 @@ DEFAULT_HYPERS: dict = {
     "num_scalar_features": 64,
     "num_tensor_features": 16,
     "radial_chemical_embed": None,  # None: TwoBodyBesselScalarEmbed with its defaults
+    # nequip-allegro's name for the embedding's output width (scalar_embed_output_dim)
+    "radial_chemical_embed_dim": None,
     "two_body_mlp_hidden_layers_depth": 2,
     "two_body_mlp_hidden_layers_width": 64,
     "two_body_mlp_nonlinearity": "silu",
@@ -191,10 +193,19 @@ class Allegro(Architecture):
 
         embed = dict(hypers["radial_chemical_embed"] or {})
         name = embed.pop("name", "TwoBodyBesselScalarEmbed")
+        # nequip's form names the class: `_target_: allegro.nn.TwoBodyBesselScalarEmbed`
+        target = embed.pop("_target_", None)
+        if target is not None:
+            if "name" in (hypers["radial_chemical_embed"] or {}) and target.rsplit(".", 1)[-1] != name:
+                raise ValueError(f"radial_chemical_embed: _target_ {target!r} and name {name!r} differ")
+            name = str(target).rsplit(".", 1)[-1]
         if name not in RADIAL_EMBEDS:
             raise ValueError(f"unknown radial_chemical_embed {name!r}; choose from {sorted(RADIAL_EMBEDS)}")
         embed = merge_hypers(RADIAL_EMBEDS[name], embed, "radial_chemical_embed.")
-        embed_dim = hypers["scalar_embed_output_dim"] or scalars
+        widths = {hypers["scalar_embed_output_dim"], hypers["radial_chemical_embed_dim"]} - {None}
+        if len(widths) > 1:
+            raise ValueError("scalar_embed_output_dim and radial_chemical_embed_dim name one width: give one")
+        embed_dim = widths.pop() if widths else scalars
         if name == "TwoBodyBesselScalarEmbed":
             radial = BesselEmbedding(self.num_species, embed)
             two_body = MLP(

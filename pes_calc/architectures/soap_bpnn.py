@@ -60,6 +60,9 @@ DEFAULT_HYPERS: dict = {
     "soap": {"max_angular": 6, "max_radial": 7, "cutoff": {"radius": 5.0, "width": 0.5}},
     "bpnn": {"num_hidden_layers": 2, "num_neurons_per_layer": 32, "layernorm": True},
     "heads": {"energy": "mlp"},
+    # metatrain's λ-SOAP basis for spherical-tensor targets; an energy model (the
+    # only target here) never uses it, so either value builds the same model
+    "add_lambda_basis": True,
     "zbl": False,
     "long_range": {
         "enable": False,

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ase.data import chemical_symbols
 from torch import nn
 
 from pes_calc import keys
@@ -60,6 +61,16 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "scale_targets": True,
     "remove_composition_contribution": True,
     "fixed_composition_weights": {},
+    # metatrain's names: {energy: {Cu: s}} (or by atomic number) fixes the per-type
+    # energy scales instead of fitting them to the forces
+    "fixed_scaling_weights": {},
+    # accepted for metatrain configs; here MAEs are always logged, the one target
+    # (energy) has one block, energy errors are reported per atom and per
+    # structure, and batches are built in-process (no DataLoader workers)
+    "log_mae": False,
+    "log_separate_blocks": False,
+    "per_structure_targets": [],
+    "num_workers": None,
     "log_interval": 1,
     "checkpoint_interval": 1,
     "best_model_metric": "rmse_prod",
@@ -595,8 +606,10 @@ def _set_shifts_and_scales(
     """metatrain's composition model and scaling, as the potential's per-type shifts
     and scales. Values given explicitly in the model hyperparameters win."""
     species = model.species
-    fixed_by_symbol = {**(data.get("isolated_atom_energies") or {}),
-                       **(training["fixed_composition_weights"] or {})}
+    fixed_by_symbol = {
+        **(data.get("isolated_atom_energies") or {}),
+        **per_type_values(training["fixed_composition_weights"], "fixed_composition_weights"),
+    }
     unknown = set(fixed_by_symbol) - set(species)
     if unknown:
         raise TrainingConfigError(
@@ -613,7 +626,22 @@ def _set_shifts_and_scales(
     if shifts is not None:
         model.per_type_energy_shifts.data.copy_(torch.tensor(shifts))
         model.config["model"]["per_type_energy_shifts"] = shifts
-    if training["scale_targets"] and "per_type_energy_scales" not in given_hypers:
+    fixed_scales = per_type_values(training["fixed_scaling_weights"], "fixed_scaling_weights", species)
+    if fixed_scales and "per_type_energy_scales" not in given_hypers:
+        unknown = set(fixed_scales) - set(species)
+        if unknown:
+            raise TrainingConfigError(
+                f"fixed scaling weights for {sorted(unknown)}, which the model "
+                f"({', '.join(species)}) does not have"
+            )
+        scales = model.per_type_energy_scales.detach().clone()
+        if training["scale_targets"] and stats.get("forces_rms"):
+            scales.fill_(float(stats["forces_rms"]))
+        for symbol, value in fixed_scales.items():
+            scales[species.index(symbol)] = float(value)
+        model.per_type_energy_scales.data.copy_(scales)
+        model.config["model"]["per_type_energy_scales"] = scales.tolist()
+    elif training["scale_targets"] and "per_type_energy_scales" not in given_hypers:
         # forces set the natural energy scale; energy-only data uses the spread of
         # per-atom energies left after the composition fit
         scale = stats.get("forces_rms")
@@ -622,6 +650,40 @@ def _set_shifts_and_scales(
         if scale:
             model.per_type_energy_scales.data.fill_(float(scale))
             model.config["model"]["per_type_energy_scales"] = float(scale)
+
+
+def per_type_values(
+    table: Mapping[Any, Any] | None, name: str, species: Sequence[str] | None = None
+) -> dict[str, float]:
+    """{symbol: value} from ``{Cu: v}``, metatrain's ``{energy: {Cu: v}}`` or
+    ``{energy: {29: v}}`` (atomic numbers, as metatrain writes them); a single
+    ``{energy: v}`` applies to every type in ``species``."""
+    if not table:
+        return {}
+    if not isinstance(table, Mapping):
+        raise TrainingConfigError(f"{name} must be a mapping, got {table!r}")
+    if "energy" in table:
+        if set(table) != {"energy"}:
+            others = sorted(str(k) for k in table if k != "energy")
+            raise TrainingConfigError(f"{name}: only the energy target exists here, not {others}")
+        table = table["energy"]
+        if isinstance(table, (int, float)) and species is not None:
+            return {symbol: float(table) for symbol in species}
+    if not isinstance(table, Mapping):
+        raise TrainingConfigError(f"{name} must map types to numbers, got {table!r}")
+    values: dict[str, float] = {}
+    for key, value in table.items():
+        symbol = key
+        if isinstance(key, int) or (isinstance(key, str) and key.isdigit()):
+            number = int(key)
+            if not 0 < number < len(chemical_symbols):
+                raise TrainingConfigError(f"{name}: {key} is not an atomic number")
+            symbol = chemical_symbols[number]
+        try:
+            values[str(symbol)] = float(value)
+        except (TypeError, ValueError):
+            raise TrainingConfigError(f"{name}: {key}: {value!r} is not a number") from None
+    return values
 
 
 def _residual_per_atom_std(graphs: Sequence, shifts: list[float]) -> float | None:

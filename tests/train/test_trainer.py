@@ -262,3 +262,47 @@ def test_isolated_atom_energies_become_the_shifts(data, tmp_path):
 def test_a_diverging_run_stops_with_a_clear_error(data, tmp_path):
     with pytest.raises(FloatingPointError, match="lower learning_rate"):
         train(config(data, epochs=3, learning_rate=1e12), tmp_path, progress=False)
+
+
+def test_metatrain_names_from_the_seeds(data, tmp_path):
+    """fixed_composition_weights keyed by atomic number, fixed_scaling_weights, and
+    the logging/loader names metatrain configs carry."""
+    given = config(
+        data, epochs=1,
+        fixed_composition_weights={"energy": {29: -3.5}},
+        fixed_scaling_weights={"energy": {"Cu": 0.125}},
+        remove_composition_contribution=False,
+        log_mae=True, log_separate_blocks=False, per_structure_targets=["energy"],
+        num_workers=2, checkpoint_interval=1,
+    )
+    given["architecture"]["model"] = {**TINY_SOAP, "add_lambda_basis": True}
+    result = train(given, tmp_path, progress=False)
+    assert result.model.config["model"]["per_type_energy_shifts"] == [-3.5]
+    assert result.model.config["model"]["per_type_energy_scales"] == [0.125]
+    with pytest.raises(TrainingConfigError, match="not an atomic number"):
+        train(config(data, epochs=1, fixed_composition_weights={"energy": {200: 1.0}}),
+              tmp_path / "bad", progress=False)
+    with pytest.raises(TrainingConfigError, match="only the energy target"):
+        train(config(data, epochs=1, fixed_scaling_weights={"energy": 1.0, "dipole": 2.0}),
+              tmp_path / "bad2", progress=False)
+
+
+def test_nequip_names_for_the_allegro_embedding():
+    from pes_calc import build_model
+
+    common = {"num_scalar_features": 8, "num_tensor_features": 4, "seed": 0}
+    nequip_style = build_model(
+        "allegro", ["Cu"], radial_chemical_embed_dim=16, **common,
+        radial_chemical_embed={"_target_": "allegro.nn.TwoBodyBesselScalarEmbed",
+                               "num_bessels": 6},
+    )
+    ours = build_model(
+        "allegro", ["Cu"], scalar_embed_output_dim=16, **common,
+        radial_chemical_embed={"name": "TwoBodyBesselScalarEmbed", "num_bessels": 6},
+    )
+    expected = ours.state_dict()
+    for name, tensor in nequip_style.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    with pytest.raises(ValueError, match="give one"):
+        build_model("allegro", ["Cu"], radial_chemical_embed_dim=16,
+                    scalar_embed_output_dim=8, **common)
