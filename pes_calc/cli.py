@@ -209,7 +209,7 @@ def _echo_training(metadata: dict) -> None:
               help="Float type to run in (default: the model's).")
 @click.option("--seed", type=int, default=None, help="Seed of velocities and noise.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (1 is fastest for small cells on a busy CPU).")
+              help="torch CPU threads [one per 4096 atoms, up to the cores].")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--max-uncertainty", type=click.FloatRange(min=0), default=None,
               help="LLPR models: act when the uncertainty measure exceeds this, in "
@@ -272,8 +272,9 @@ def md_command(
                          ("--uncertain-structures", uncertain_structures),
                          ("--uncertainty-log", uncertainty_log)):
         check_output_path(path, option)
-    _set_up_torch(device, threads)
     atoms = _read_structure(structure, index)
+    threads = threads or default_md_threads(len(atoms))
+    _set_up_torch(device, threads)
     watch = None
     try:
         calculator = PESCalculator(
@@ -307,6 +308,7 @@ def md_command(
         if watch is not None:
             watch.close()
     click.echo(str(summary))
+    click.echo(f"  threads            {torch.get_num_threads()}")
     files = [("trajectory", trajectory), ("log", log),
              ("uncertainty log", uncertainty_log)]
     for name, path in files:
@@ -325,16 +327,17 @@ def md_command(
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads (torch's default can be much slower on a busy "
-              "machine).")
+              help="torch CPU threads [1: measured fastest on a busy machine].")
 def train_command(config: Path, outdir: Path, quiet: bool, threads: int | None) -> None:
     """Train the model described by CONFIG (YAML); rerun to resume."""
     from pes_calc.io import ModelFileError
     from pes_calc.neighbors import UnknownSpeciesError
     from pes_calc.train import DatasetError, TrainingConfigError, load_config, train
 
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # one thread unless asked: measured faster on a busy machine (README, Threads)
+    torch.set_num_threads(threads or 1)
+    if not quiet:
+        click.echo(f"training with {torch.get_num_threads()} CPU thread(s)", err=True)
     try:
         result = train(load_config(config), outdir, progress=not quiet)
     except (TrainingConfigError, DatasetError, ModelFileError, UnknownSpeciesError,
@@ -623,6 +626,19 @@ def lammps_command(
                 f"(structure appended to {record_to})",
                 err=True,
             )
+
+
+ATOMS_PER_THREAD = 4096
+
+
+def default_md_threads(num_atoms: int) -> int:
+    """CPU threads for MD when --threads is not given: one per 4096 atoms, up to the
+    cores this process may use. Measured (scripts/thread_scan.py, README Threads):
+    below a few thousand atoms a second thread gains at most 20% on a quiet machine
+    and costs 1.5-4x beside one busy process; at 16384 atoms two threads take
+    0.45x (quiet) to 0.71x (busy) the time of one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cores, num_atoms // ATOMS_PER_THREAD))
 
 
 def check_output_path(path: Path | None, option: str) -> None:

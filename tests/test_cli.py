@@ -60,3 +60,18 @@ def test_md_with_zero_steps_says_so(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "(no steps run)" in result.output and "nan" not in result.output
+
+
+def test_md_thread_default_grows_with_the_system(monkeypatch):
+    import os
+
+    from pes_calc.cli import default_md_threads
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    assert [default_md_threads(n) for n in (32, 2048, 4096, 16384, 10**6)] == [
+        1,
+        1,
+        1,
+        4,
+        8,
+    ]
