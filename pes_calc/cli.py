@@ -334,6 +334,7 @@ def train_command(config: Path, outdir: Path, quiet: bool, threads: int | None) 
     from pes_calc.neighbors import UnknownSpeciesError
     from pes_calc.train import DatasetError, TrainingConfigError, load_config, train
 
+    check_output_directory(outdir, "--output")
     # one thread unless asked: measured faster on a busy machine (README, Threads)
     torch.set_num_threads(threads or 1)
     if not quiet:
@@ -373,6 +374,7 @@ def active_learn_command(config: Path, outdir: Path, quiet: bool) -> None:
     from pes_calc.neighbors import UnknownSpeciesError
     from pes_calc.train import DatasetError, TrainingConfigError
 
+    check_output_directory(outdir, "--output")
     try:
         reports = run_active_learning(load_config(config), outdir, progress=not quiet)
     except (TrainingConfigError, DatasetError, ModelFileError, UnknownSpeciesError,
@@ -564,7 +566,8 @@ def ipi_command(
                    "exceeds this, eV.")
 @click.option("--record-to", type=click.Path(dir_okay=False, path_type=Path),
               default=Path("runs/lammps-uncertain.xyz"), show_default=True,
-              help="Where --max-uncertainty appends the structure that stopped the run.")
+              help="Where --max-uncertainty appends the structure that stopped "
+                   "the run.")
 @click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="LAMMPS log file [log.lammps].")
 @click.option("--var", "variables", nargs=2, multiple=True, metavar="NAME VALUE",
@@ -622,7 +625,8 @@ def lammps_command(
             step, largest = summary["stopped_uncertain"]
             click.echo(
                 f"pes-calc lammps: stopped at step {step}: an atom's energy "
-                f"uncertainty {largest:.4g} eV > --max-uncertainty {max_uncertainty} eV "
+                f"uncertainty {largest:.4g} eV > --max-uncertainty "
+                f"{max_uncertainty} eV "
                 f"(structure appended to {record_to})",
                 err=True,
             )
@@ -637,8 +641,24 @@ def default_md_threads(num_atoms: int) -> int:
     below a few thousand atoms a second thread gains at most 20% on a quiet machine
     and costs 1.5-4x beside one busy process; at 16384 atoms two threads take
     0.45x (quiet) to 0.71x (busy) the time of one."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if hasattr(os, "sched_getaffinity"):
+        cores = len(os.sched_getaffinity(0))
+    else:
+        cores = os.cpu_count() or 1
     return max(1, min(cores, num_atoms // ATOMS_PER_THREAD))
+
+
+def check_output_directory(path: Path, option: str) -> None:
+    """Refuse, before any work, a run directory that could not be made or written."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        message = f"{existing} is a file, not a directory"
+        raise click.BadParameter(message, param_hint=option)
+    if not os.access(existing, os.W_OK):
+        message = f"{existing} cannot be written here"
+        raise click.BadParameter(message, param_hint=option)
 
 
 def check_output_path(path: Path | None, option: str) -> None:

@@ -75,3 +75,20 @@ def test_md_thread_default_grows_with_the_system(monkeypatch):
         4,
         8,
     ]
+
+
+def test_train_refuses_a_run_directory_under_a_file(tmp_path):
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "file").write_text("")
+    for command in ("train", "active-learn"):
+        result = CliRunner().invoke(
+            main,
+            [
+                command,
+                str(tmp_path / "config.yaml"),
+                "-o",
+                str(tmp_path / "file" / "run"),
+            ],
+        )
+        assert result.exit_code == 2, result.output
+        assert "is a file, not a directory" in result.output

@@ -140,3 +140,47 @@ def test_damaged_torchscript_archive(saved, tmp_path):
             pytest.fail(f"byte {position}: {type(error).__name__}: {error}")
     assert errors >= 36, errors  # a few land in zip padding, which nothing reads
     del data
+
+
+def test_malformed_structures_end_in_clear_errors(saved):
+    """NaN or infinite positions, broken cells, unknown elements, empty cells:
+    ValueError (UnknownSpeciesError is one) or ASE's PropertyNotImplementedError,
+    never a number or another exception."""
+    import ase
+    import ase.build
+    from ase.calculators.calculator import PropertyNotImplementedError
+
+    from pes_calc import PESCalculator
+
+    calculator = PESCalculator(saved, device="cpu")
+    good = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+    rng = np.random.default_rng(2)
+    cases = []
+    for _ in range(30):
+        atoms = good.copy()
+        atoms.positions[rng.integers(len(atoms)), rng.integers(3)] = rng.choice(
+            [np.nan, np.inf, -np.inf]
+        )
+        cases.append(atoms)
+    for _ in range(10):
+        atoms = good.copy()
+        atoms.cell[rng.integers(3)] = 0.0  # a periodic direction without a vector
+        cases.append(atoms)
+    for value in (np.nan, np.inf):
+        atoms = good.copy()
+        atoms.cell[0, 0] = value
+        cases.append(atoms)
+    flat = good.copy()
+    flat.cell[2] = flat.cell[0]  # periodic everywhere but no volume
+    cases.append(flat)
+    cases.append(ase.Atoms("CuAu", positions=[[0, 0, 0], [2, 0, 0]]))  # Au unknown
+    cases.append(ase.Atoms("Xe", positions=[[0, 0, 0]], cell=[5, 5, 5], pbc=True))
+    molecule = ase.Atoms("Cu2", positions=[[0, 0, 0], [2.3, 0, 0]])
+    for atoms in cases:
+        atoms.calc = calculator
+        with pytest.raises((ValueError, PropertyNotImplementedError)):
+            atoms.get_forces()
+    molecule.calc = calculator  # no cell: energy and forces, but no stress
+    assert np.isfinite(molecule.get_forces()).all()
+    with pytest.raises(PropertyNotImplementedError):
+        molecule.get_stress()
