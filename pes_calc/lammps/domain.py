@@ -126,10 +126,9 @@ def local_index_lookup(local_tags: np.ndarray):  # noqa: ANN201
     sorted_tags = local_tags[order]
 
     def lookup(query: np.ndarray) -> np.ndarray:
-        position = np.searchsorted(sorted_tags, query)
-        position = np.minimum(position, max(len(sorted_tags) - 1, 0))
         if len(sorted_tags) == 0:
             return np.full(len(query), -1, dtype=np.int64)
+        position = np.minimum(np.searchsorted(sorted_tags, query), len(sorted_tags) - 1)
         found = sorted_tags[position] == query
         return np.where(found, order[position], -1).astype(np.int64)
 

@@ -35,9 +35,6 @@ class SingleRank:
     def gather(self, value: Any, root: int = 0) -> list[Any]:
         return [value]
 
-    def Barrier(self) -> None:  # noqa: N802 (mpi4py's name)
-        return None
-
 
 class ReverseExchange:
     """Sums values on ghost atoms into the local atoms of their owners."""
