@@ -101,7 +101,11 @@ def info_command(model: Path, as_json: bool) -> None:
                 )
         else:
             metadata = read_artefact_metadata(model)
-            metadata["integrity"] = "zip CRC-32 of every member, checked at load"
+            metadata["integrity"] = (
+                "SHA-256 of the whole archive, checked at load"
+                if metadata.get("sealed")
+                else "zip CRC-32 of every member, checked at load (unsealed)"
+            )
     except ModelFileError as error:
         raise click.ClickException(str(error)) from error
     if as_json:

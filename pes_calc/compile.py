@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from pes_calc import keys
+from pes_calc.archive import check_archive, seal
 from pes_calc.choices import as_device, as_dtype
 from pes_calc.graph import AtomicGraph
 from pes_calc.io import (
@@ -128,6 +129,7 @@ def compile_model(
         modifiers=list(modifiers),
         required_imports=REQUIRED_IMPORTS.get(metadata["architecture"], []),
         torch_version=torch.__version__,
+        sealed=True,  # `seal` appends the archive's SHA-256 once it is written
     )
     if mode == "aotinductor":
         if metadata["model"].get("long_range", {}).get("enable"):
@@ -145,6 +147,7 @@ def compile_model(
 
     scripted = script(model, in_place=True)
     torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    seal(path)
 
 
 # ---- AOTInductor -------------------------------------------------------------------
@@ -241,6 +244,7 @@ def _compile_aotinductor(
                 archive.writestr(f"{root}/extra/{METADATA_FILE}", json.dumps(metadata))
                 # not under extra/: the pt2 loader reads those as text
                 archive.write(weights, f"{root}/pes_calc/{WEIGHTS_FILE}")
+            seal(package)
             cached.parent.mkdir(parents=True, exist_ok=True)
             # write then rename: a concurrent or interrupted compile leaves no half file
             partial = cached.with_suffix(f".{os.getpid()}.partial")
@@ -423,40 +427,40 @@ def import_required(modules: Sequence[str]) -> None:
             ) from error
 
 
-def check_archive(path: Path) -> None:
-    """Raise `ModelFileError` if any member of a ``.pt``/``.pt2`` archive fails its
-    zip CRC-32 (a damaged byte in the code, the weights or the metadata)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except Exception as error:  # zipfile reports broken headers in several ways
-        raise ModelFileError(f"{path}: the archive is damaged: {error}") from error
-    if damaged is not None:
-        raise ModelFileError(
-            f"{path}: member {damaged} does not match its checksum (the file is "
-            "damaged)"
-        )
-
-
 def read_artefact_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The metadata stored in a compiled artefact (``.pt`` or ``.pt2``), checked."""
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"no model file at {path}")
-    if not zipfile.is_zipfile(path):
+    try:
+        is_zip = zipfile.is_zipfile(path)
+    except Exception:  # a damaged end record can make the test itself raise
+        is_zip = False
+    if not is_zip:
         raise ModelFileError(
             f"{path} is not a TorchScript or AOTInductor archive "
             "(corrupted or truncated?)"
         )
-    with zipfile.ZipFile(path) as archive:
-        names = [n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")]
-        if not names:
-            raise ModelFileError(
-                f"{path} is a zip archive but not one written by "
-                "`pes-calc compile` (no pes_calc metadata inside)"
-            )
-        metadata = json.loads(archive.read(names[0]))
-    if int(metadata.get("format_version", -1)) > FORMAT_VERSION:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = [
+                n for n in archive.namelist() if n.endswith(f"extra/{METADATA_FILE}")
+            ]
+            metadata = json.loads(archive.read(names[0])) if names else None
+    except Exception as error:  # a damaged header or member shows in several ways
+        raise ModelFileError(f"{path}: the archive is damaged: {error}") from error
+    if metadata is None:
+        raise ModelFileError(
+            f"{path} is a zip archive but not one written by "
+            "`pes-calc compile` (no pes_calc metadata inside)"
+        )
+    if not isinstance(metadata, dict):
+        raise ModelFileError(f"{path}: its pes_calc metadata is not a JSON object")
+    try:
+        format_version = int(metadata.get("format_version", -1))
+    except (TypeError, ValueError) as error:
+        raise ModelFileError(f"{path}: its format_version is unreadable") from error
+    if format_version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path} was compiled with a newer model format "
             f"({metadata['format_version']}); upgrade pes_calc to read it"
@@ -478,12 +482,12 @@ def load_artefact(
     if path.suffix == ".safetensors":
         return load_model(path).to(device), read_metadata(path)
     metadata = read_artefact_metadata(path)
-    check_archive(path)
+    check_archive(path, sealed=bool(metadata.get("sealed")))
     import_required(metadata.get("required_imports", []))
     if metadata.get("artefact") == "aotinductor":
         return _load_aotinductor(path, metadata, device), metadata
     try:
         module = torch.jit.load(str(path), map_location=device)
-    except RuntimeError as error:
+    except Exception as error:  # the checks above leave only foreign content
         raise ModelFileError(f"{path}: TorchScript could not load it: {error}") from error
     return module.eval(), metadata

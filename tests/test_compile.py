@@ -306,7 +306,7 @@ def test_export_formulations_give_the_eager_numbers(architecture, hypers):
 
 
 def test_a_damaged_package_is_refused(package, tmp_path):
-    """A flipped byte inside the compiled code fails the member's zip checksum."""
+    """A flipped byte inside the compiled code fails the archive's SHA-256."""
     with zipfile.ZipFile(package) as archive:
         largest = max(archive.infolist(), key=lambda info: info.compress_size)
     data = bytearray(package.read_bytes())
@@ -317,5 +317,5 @@ def test_a_damaged_package_is_refused(package, tmp_path):
     data[start + largest.compress_size // 2] ^= 0x01
     damaged = tmp_path / "damaged.pt2"
     damaged.write_bytes(bytes(data))
-    with pytest.raises(ModelFileError, match="does not match its checksum"):
+    with pytest.raises(ModelFileError, match="do not match the SHA-256"):
         load_artefact(damaged)
