@@ -1,29 +1,27 @@
 """pes_calc: fast ASE calculators for machine-learned interatomic potentials.
 
-atoms → `AtomicGraph` (neighbours from vesin) → architecture → `Potential`
-(scales, shifts, ZBL, forces and stress) → `PESCalculator` (ASE results).
+atoms → `AtomicGraph` (neighbors from vesin) → architecture → `Potential`
+(scales, shifts, ZBL, forces and stress) → `PESCalculator` (ASE results) or an
+engine (i-PI, LAMMPS). Importing pes_calc changes nothing outside it; the memory
+settings the ``pes-calc`` commands use are `reuse_freed_memory`.
 """
 
-from pes_calc import _allocation
-
-# before any large tensor exists: see pes_calc/_allocation.py for why and how to opt out
-_allocation.use_huge_pages()
-_allocation.reuse_freed_memory()
-
-from pes_calc.batched import evaluate
+from pes_calc._version import __version__
 from pes_calc.build import build_model
-from pes_calc.calculator import PESCalculator
+from pes_calc.calculator import PESCalculator, evaluate
 from pes_calc.graph import AtomicGraph
 from pes_calc.io import load_model, save_model
+from pes_calc.memory import reuse_freed_memory
 from pes_calc.potential import Potential
 
 __all__ = [
     "AtomicGraph",
     "PESCalculator",
     "Potential",
+    "__version__",
     "build_model",
     "evaluate",
     "load_model",
+    "reuse_freed_memory",
     "save_model",
 ]
-__version__ = "0.1.0"

@@ -6,15 +6,16 @@ error that lists the known ones, so a typo never silently falls back to a defaul
 
 from __future__ import annotations
 
-import contextlib
-import copy
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 from ase.data import atomic_numbers
 
+from pes_calc.architectures import allegro, nequip, soap_bpnn
 from pes_calc.choices import DTYPES, as_dtype
+from pes_calc.config import merge_hypers
+from pes_calc.nn.precision import float64_construction
 from pes_calc.nn.zbl import ZBL
 from pes_calc.potential import Architecture, Potential
 
@@ -30,30 +31,13 @@ POTENTIAL_DEFAULTS: dict[str, Any] = {
 }
 
 
-
 def _registry() -> dict[str, tuple[dict, Callable[..., Architecture]]]:
     """Architecture name → (default hyperparameters, architecture class)."""
-    from pes_calc.architectures import allegro, nequip, soap_bpnn
-
     return {
         "soap_bpnn": (soap_bpnn.DEFAULT_HYPERS, soap_bpnn.SoapBpnn),
         "nequip": (nequip.DEFAULT_HYPERS, nequip.NequIP),
         "allegro": (allegro.DEFAULT_HYPERS, allegro.Allegro),
     }
-
-
-@contextlib.contextmanager
-def float64_default() -> Iterator[None]:
-    """Construct modules in float64, then cast: constants computed at construction
-    (e3nn's Clebsch-Gordan coefficients, torch-spex's spline tables) follow torch's
-    default dtype, and a float32 build would leave a float64 model accurate (and
-    equivariant) to ~1e-8 only. The caller's default is restored afterwards."""
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(default_dtype)
 
 
 def _build(architecture_class: Callable[..., Architecture], species: list, hypers: dict) -> Potential:
@@ -67,23 +51,6 @@ def _build(architecture_class: Callable[..., Architecture], species: list, hyper
         pair_potential=pair_potential_from(spec, species, architecture.cutoff),
         **potential_options(hypers),
     )
-
-
-
-def merge_hypers(defaults: Mapping, given: Mapping, where: str = "") -> dict:
-    """Deep-merge ``given`` over ``defaults``; unknown keys raise ``ValueError``."""
-    merged = copy.deepcopy(dict(defaults))
-    for key, value in given.items():
-        if key not in defaults:
-            raise ValueError(
-                f"unknown hyperparameter {where}{key!r}; known: "
-                f"{', '.join(sorted(defaults))}"
-            )
-        if isinstance(defaults[key], Mapping) and isinstance(value, Mapping):
-            merged[key] = merge_hypers(defaults[key], value, f"{where}{key}.")
-        else:
-            merged[key] = copy.deepcopy(value)
-    return merged
 
 
 def build_model(
@@ -132,7 +99,9 @@ def build_model(
     dtype = as_dtype(merged["model_dtype"], "model_dtype")
     merged["model_dtype"] = str(dtype).removeprefix("torch.")
     config = {"name": name, "species": species, "model": merged}
-    with float64_default():
+    # constructed in float64, then cast: exact constants (Clebsch-Gordan, splines)
+    # in float64 models, and the same initial weights whatever the dtype
+    with float64_construction():
         if merged["seed"] is None:  # initialised from (and advancing) the global RNG
             model = _build(architecture_class, species, merged)
         else:

@@ -21,19 +21,23 @@ from ase.calculators.calculator import (
     PropertyNotImplementedError,
     all_changes,
 )
-from ase.stress import full_3x3_to_voigt_6_stress
 
-from pes_calc import keys
+from pes_calc.artefacts import load_artefact
+from pes_calc.batched import evaluate_batches
 from pes_calc.choices import as_device, as_dtype
 from pes_calc.graph import AtomicGraph, edge_vectors
+from pes_calc.io import model_metadata
+from pes_calc.llpr import LLPR
 from pes_calc.neighbors import Backend, atoms_to_graph, check_geometry
-
-# LLPR models only; the ensemble-force ones cost extra backward passes
-UNCERTAINTY_PROPERTIES = [
-    keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY, keys.ENERGY_ENSEMBLE,
-    keys.FORCES_UNCERTAINTY, keys.FORCES_ENSEMBLE,
-]
-FORCE_ENSEMBLE_PROPERTIES = (keys.FORCES_UNCERTAINTY, keys.FORCES_ENSEMBLE)
+from pes_calc.potential import Potential
+from pes_calc.results import (
+    ALL_PROPERTIES,
+    FORCE_ENSEMBLE_PROPERTIES,
+    UNCERTAINTY_PROPERTIES,
+    Result,
+    has_volume,
+    split_outputs,
+)
 
 
 class PESCalculator(Calculator):
@@ -72,10 +76,7 @@ class PESCalculator(Calculator):
     ((4, 3), (6,))
     """
 
-    implemented_properties = [
-        "energy", "free_energy", "energies", "forces", "stress",
-        *UNCERTAINTY_PROPERTIES,
-    ]
+    implemented_properties = list(ALL_PROPERTIES)
 
     def __init__(
         self,
@@ -88,23 +89,26 @@ class PESCalculator(Calculator):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)
-        from pes_calc.compile import load_artefact
-        from pes_calc.io import model_metadata
-
         dtype = as_dtype(dtype)
         self.device = as_device(device) or torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"
         )
         if isinstance(model, (str, os.PathLike)):
             model, self.metadata = load_artefact(model, self.device)
-        else:
+        elif isinstance(model, (Potential, LLPR)):
             self.metadata = model_metadata(model)
+        else:
+            raise TypeError(
+                "PESCalculator takes a model file's path or a pes_calc model "
+                f"(Potential or LLPR), not {type(model).__name__}"
+            )
         self.dtype = dtype or getattr(torch, self.metadata["dtype"])
         first = next(t for t in model.state_dict().values() if t.is_floating_point())
         if first.dtype != self.dtype or first.device != self.device:
             # Module.to converts in place: convert a copy, not the caller's model
             model = copy.deepcopy(model).to(device=self.device, dtype=self.dtype)
-        self.model = model.eval()
+        # a Potential, an LLPR, a TorchScript module or a loaded AOTInductor package
+        self.model: Any = model.eval()
         self.species: list[str] = list(self.metadata["species"])
         self.cutoff = float(self.metadata["cutoff"])
         if skin < 0:
@@ -128,8 +132,8 @@ class PESCalculator(Calculator):
         super().calculate(atoms, properties, system_changes)
         atoms = self.atoms
         assert atoms is not None  # set by the base class
-        has_volume = bool(np.any(atoms.pbc) and atoms.cell.volume > 1e-12)
-        if "stress" in properties and not has_volume:
+        with_volume = has_volume(atoms)
+        if "stress" in properties and not with_volume:
             raise PropertyNotImplementedError(
                 "stress needs a periodic cell with a volume; this structure has none"
             )
@@ -147,8 +151,8 @@ class PESCalculator(Calculator):
         # TorchScript's profiling optimiser costs seconds of warm-up per new input
         # shape and was no faster afterwards here (scoped: nothing global changes)
         with torch.jit.optimized_execution(False):
-            outputs = self.model(graph, True, has_volume)
-        self.results = self._to_results(outputs, has_volume)
+            outputs = self.model(graph, True, with_volume)
+        self.results = split_outputs(outputs, [len(atoms)], [with_volume])[0]
 
     def calculate_batch(
         self,
@@ -156,18 +160,16 @@ class PESCalculator(Calculator):
         batch_size: int = 16,
         properties: Sequence[str] | None = None,
         **kwargs: Any,
-    ) -> list[dict[str, Any]] | list[ase.Atoms]:
+    ) -> list[Result] | list[ase.Atoms]:
         """Results for many structures, ``batch_size`` per model call, with this
-        calculator's model, device, dtype and neighbour backend.
+        calculator's model, device, dtype and neighbor backend.
 
         Same results as one `calculate` per structure (stress only where the cell
         has a volume); ``self.results`` and the neighbour-list cache are left
         alone. Other keywords (``progress``, ``return_atoms``) and the result
         format: `pes_calc.evaluate`.
         """
-        from pes_calc.batched import evaluate
-
-        return evaluate(
+        return evaluate_batches(
             self, structures, batch_size=batch_size, properties=properties, **kwargs
         )
 
@@ -208,31 +210,92 @@ class PESCalculator(Calculator):
         )
         return _within_cutoff(graph, self.cutoff) if self.skin > 0 else graph
 
-    def _to_results(self, outputs: dict[str, torch.Tensor], has_volume: bool) -> dict:
-        energy = float(outputs[keys.ENERGY].detach()[0].item())
-        results: dict[str, Any] = {
-            "energy": energy,
-            "free_energy": energy,
-            "energies": _numpy(outputs[keys.ENERGIES]),
-        }
-        if keys.FORCES in outputs:
-            results["forces"] = _numpy(outputs[keys.FORCES])
-        if has_volume and keys.STRESS in outputs:
-            results["stress"] = full_3x3_to_voigt_6_stress(_numpy(outputs[keys.STRESS])[0])
-        for name in UNCERTAINTY_PROPERTIES:
-            if name in outputs:  # one structure: drop the structure axis
-                value = _numpy(outputs[name])
-                if name == keys.ENERGY_UNCERTAINTY:
-                    results[name] = float(value[0])
-                elif name == keys.ENERGY_ENSEMBLE:
-                    results[name] = value[0]
-                else:
-                    results[name] = value
-        return results
 
+def evaluate(
+    model: torch.nn.Module | str | os.PathLike | PESCalculator,
+    structures: Sequence[ase.Atoms],
+    *,
+    batch_size: int = 16,
+    properties: Sequence[str] | None = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    progress: bool | None = None,
+    return_atoms: bool = False,
+    neighbor_backend: Backend | None = None,
+) -> list[Result] | list[ase.Atoms]:
+    """Energies, forces, stress (and LLPR uncertainties) of many structures.
 
-def _numpy(tensor: torch.Tensor) -> np.ndarray:
-    return tensor.detach().to("cpu", torch.float64).numpy()
+    Parameters
+    ----------
+    model
+        A model object, the path of a ``.safetensors`` model or TorchScript ``.pt``
+        (loaded as `PESCalculator` loads it), or a `PESCalculator` whose loaded
+        model, device and dtype are used.
+    structures
+        Any mix of periodic, partly periodic (slabs) and non-periodic structures.
+    batch_size
+        Structures per graph; one forward and one backward pass each. On CPU,
+        8–32 structures of ~40 atoms were fastest (scripts/benchmark_evaluate.py);
+        much larger graphs were slower per atom.
+    properties
+        Names from `PESCalculator.implemented_properties`. Default: what one
+        calculator call fills — ``energy``, ``free_energy``, ``energies``,
+        ``forces``, ``stress`` and, for LLPR models, ``energy_uncertainty``,
+        ``energies_uncertainty`` and ``energy_ensemble``. ``forces_uncertainty``
+        and ``forces_ensemble`` cost min(members, features) extra backward passes
+        per batch and are computed only when named (or when a calculator with
+        ``ensemble_forces=True`` is given).
+    device, dtype
+        As for `PESCalculator`: CUDA when available and the model's dtype, unless
+        given; must be left out when ``model`` is a calculator.
+    progress
+        Show a tqdm bar counting structures; by default, on a terminal for more
+        than `PROGRESS_MIN_STRUCTURES` structures.
+    return_atoms
+        Return copies of ``structures`` instead of dicts: energy, free_energy,
+        energies, forces and stress in a ``SinglePointCalculator`` (so that
+        ``ase.io.write(..., format="extxyz")`` writes them), uncertainties in
+        ``info`` (``energy_uncertainty``, ``energy_ensemble``) and ``arrays``
+        (``energies_uncertainty``, ``forces_uncertainty``, and ``forces_ensemble``
+        as (N, 3M): member k's forces in columns 3k to 3k+2).
+    neighbor_backend
+        ``"vesin"`` or ``"vesin-torch"``; by default chosen by the device.
+
+    Returns
+    -------
+    One result per structure, in order: a dict with ``energy`` (float, eV),
+    ``free_energy`` (the same), ``energies`` (N,) eV, ``forces`` (N, 3) eV/Å,
+    ``stress`` (6,) eV/Å³ in ASE's Voigt order — only for a periodic structure
+    with a cell volume, the others have no ``stress`` key — and, for LLPR models,
+    ``energy_uncertainty`` (float, eV), ``energies_uncertainty`` (N,) eV,
+    ``energy_ensemble`` (M,) eV, ``forces_uncertainty`` (N, 3) eV/Å and
+    ``forces_ensemble`` (M, N, 3) eV/Å. Values are float64 numpy arrays.
+
+    Raises
+    ------
+    UnknownSpeciesError, ValueError
+        Before any evaluation, naming the structure index: an element the model
+        does not know, NaN/infinite positions or cell, a periodic direction with
+        a zero cell vector.
+    PropertyNotImplementedError
+        Uncertainties from a model without LLPR, or forces/stress from an
+        energy-only model.
+    """
+    if isinstance(model, PESCalculator):
+        if device is not None or dtype is not None or neighbor_backend is not None:
+            raise ValueError(
+                "device, dtype and neighbor_backend come from the calculator; "
+                "leave them out when passing one"
+            )
+        calculator = model
+    else:
+        calculator = PESCalculator(
+            model, device=device, dtype=dtype, neighbor_backend=neighbor_backend
+        )
+    return calculator.calculate_batch(
+        structures, batch_size=batch_size, properties=properties,
+        progress=progress, return_atoms=return_atoms,
+    )
 
 
 def _within_cutoff(graph: AtomicGraph, cutoff: float) -> AtomicGraph:

@@ -9,7 +9,7 @@ from pathlib import Path
 __all__ = ["atomic_write", "atomic_write_text"]
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
     """Call ``write(temporary_path)``, then rename the result onto ``path``.
 
     The rename is atomic on one file system: readers see the old file or the

@@ -12,6 +12,8 @@ function over the graph, so the graph stays a plain TorchScript record.
 """
 
 
+import math
+from collections.abc import Iterator, Sequence
 from typing import Dict, List, NamedTuple
 
 import torch
@@ -150,3 +152,44 @@ def graph_to(
             for name, value in graph.properties.items()
         },
     )
+
+
+def batch_order(
+    num_graphs: int,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[list[int]]:
+    """Indices of the graphs in each batch this process handles in ``epoch``.
+
+    The order depends only on (seed, epoch), so a resumed run sees the same batches
+    as an uninterrupted one. With several processes the order is padded by wrapping
+    around so that every rank gets the same number of batches (DDP needs that).
+    """
+    if shuffle:
+        generator = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+        order = torch.randperm(num_graphs, generator=generator).tolist()
+    else:
+        order = list(range(num_graphs))
+    per_rank = math.ceil(num_graphs / world_size)
+    order = (order * (per_rank * world_size // max(num_graphs, 1) + 1))[
+        : per_rank * world_size
+    ]
+    mine = order[rank::world_size]
+    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+
+
+def iterate_batches(
+    graphs: Sequence[AtomicGraph],
+    order: list[list[int]],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Iterator[AtomicGraph]:
+    """The batches named by ``order``, as single graphs on ``device`` in ``dtype``."""
+    device = torch.device(device)
+    for indices in order:
+        yield graph_to(batch_graphs([graphs[i] for i in indices]), device, dtype)

@@ -23,7 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
+from pes_calc._version import __version__
+from pes_calc.build import build_model
 from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 
@@ -53,8 +57,6 @@ def _text_digest(text: str) -> str:
 
 def model_metadata(model: Potential | LLPR) -> dict[str, Any]:
     """The JSON metadata describing ``model`` (enough to rebuild it)."""
-    from pes_calc import __version__
-
     dtype = next(iter(model.state_dict().values())).dtype
     return {
         "architecture": model.config["name"],
@@ -90,8 +92,6 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_model(model: Potential | LLPR, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` (a ``.safetensors`` file)."""
-    from safetensors.torch import save_file
-
     tensors = {
         name: tensor.detach().contiguous().cpu()
         for name, tensor in model_state(model).items()
@@ -128,8 +128,6 @@ def _umask() -> int:
 
 def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The checked JSON metadata of a model file, without loading its weights."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"no model file at {path}")
@@ -191,8 +189,6 @@ def _stored_digests(path: Path, header: dict[str, str]) -> dict[str, Any] | None
 
 def is_checked(path: str | os.PathLike) -> bool:
     """Whether a model file carries digests (files before them load unchecked)."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         return DIGESTS_KEY in (handle.metadata() or {})
 
@@ -200,8 +196,6 @@ def is_checked(path: str | os.PathLike) -> bool:
 def check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Raise `ModelFileError` naming the first tensor whose bytes do not match the
     digest written at save; warn once if the file has no digests."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         digests = _stored_digests(path, handle.metadata() or {})
     if digests is None:
@@ -226,10 +220,6 @@ def check_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def load_model(path: str | os.PathLike) -> Potential | LLPR:
     """Rebuild the eager model stored in ``path`` (``.safetensors``): a
     `Potential`, or an `LLPR` around one when the file holds LLPR settings."""
-    from safetensors.torch import load_file
-
-    from pes_calc.build import build_model
-
     metadata = read_metadata(path)
     try:
         tensors = load_file(str(path))
@@ -238,6 +228,7 @@ def load_model(path: str | os.PathLike) -> Potential | LLPR:
             f"{path}: the weights cannot be read (truncated or corrupted?): {error}"
         ) from error
     check_tensors(Path(path), tensors)
+    model: Potential | LLPR
     try:
         model = build_model(
             {"name": metadata["architecture"], "model": metadata["model"]},

@@ -46,6 +46,7 @@ from ase.calculators.socketio import IPIProtocol, SocketClosed, actualunixsocket
 
 from pes_calc.calculator import PESCalculator
 from pes_calc.neighbors import species_indices
+from pes_calc.results import has_volume
 
 #: i-PI's default inet port (``<ffsocket mode='inet'><port>``)
 DEFAULT_PORT = 31415
@@ -333,7 +334,7 @@ def _compute(
     atoms.positions[:] = positions
     energy = atoms.get_potential_energy()
     forces = atoms.get_forces()
-    if np.any(atoms.pbc) and atoms.cell.volume > 1e-12:
+    if has_volume(atoms):
         # i-PI's virial is Σ r⊗f = -V·σ with ASE's sign of the stress σ
         virial = -atoms.cell.volume * atoms.get_stress(voigt=False)
     else:

@@ -118,8 +118,8 @@ def atoms_to_graph(
         ``"vesin"`` (numpy, CPU) or ``"vesin-torch"``; ``None`` picks vesin-torch on
         CUDA and vesin on CPU.
     """
-    device = as_device(device)
-    dtype = as_dtype(dtype)
+    device = as_device(device) or torch.device("cpu")
+    dtype = as_dtype(dtype) or torch.float64
     backend = backend or ("vesin-torch" if device.type == "cuda" else "vesin")
     positions = np.asarray(atoms.positions, dtype=np.float64)
     cell = np.asarray(atoms.cell.array, dtype=np.float64)

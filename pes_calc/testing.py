@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Callable
+from typing import Any
 
 import ase
 import ase.build
@@ -24,8 +25,12 @@ import numpy as np
 import torch
 
 from pes_calc import keys
+from pes_calc.artefacts import load_artefact
 from pes_calc.graph import AtomicGraph, batch_graphs
+from pes_calc.io import model_metadata
+from pes_calc.llpr import LLPR
 from pes_calc.neighbors import atoms_to_graph
+from pes_calc.potential import Potential
 
 
 class PotentialCheckError(AssertionError):
@@ -35,16 +40,14 @@ class PotentialCheckError(AssertionError):
 class Subject:
     """A model under test in float64, with what is needed to build its graphs."""
 
-    def __init__(self, model: torch.nn.Module | str | os.PathLike):
-        from pes_calc.compile import load_artefact
-        from pes_calc.io import model_metadata
-
+    def __init__(self, model: Potential | LLPR | str | os.PathLike):
+        loaded: Any
         if isinstance(model, (str, os.PathLike)):
-            model, metadata = load_artefact(model)
+            loaded, metadata = load_artefact(model)
         else:
             metadata = model_metadata(model)
-            model = copy.deepcopy(model)
-        self.model = model.to(torch.float64).eval()
+            loaded = copy.deepcopy(model)
+        self.model = loaded.to(torch.float64).eval()
         self.species: list[str] = list(metadata["species"])
         self.cutoff = float(metadata["cutoff"])
 
@@ -243,10 +246,13 @@ def check_inputs_not_mutated(subject: Subject) -> None:
     """The model leaves every tensor of its input graph unchanged."""
     graph = subject.graph(subject.bulk())
     graph = graph._replace(properties={"energy": torch.zeros(1, dtype=graph.positions.dtype)})
-    before = [{k: v.clone() for k, v in t.items()} if isinstance(t, dict) else t.clone()
-              for t in graph]
+    before: list[Any] = [
+        {k: v.clone() for k, v in t.items()} if isinstance(t, dict) else t.clone()
+        for t in graph
+    ]
     subject(graph)
-    for name, old, new in zip(AtomicGraph._fields, before, graph):
+    new: Any
+    for name, old, new in zip(AtomicGraph._fields, before, graph, strict=True):
         if isinstance(old, dict):
             same = old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
         else:
@@ -269,7 +275,7 @@ CHECKS: dict[str, Callable[[Subject], None]] = {
 }
 
 
-def check_potential(model: torch.nn.Module | str | os.PathLike) -> None:
+def check_potential(model: Potential | LLPR | str | os.PathLike) -> None:
     """Run every contract check on ``model`` (an object or a model file path).
 
     Raises `PotentialCheckError` naming each failed check; returns None on success.

@@ -394,8 +394,8 @@ def run_worker(
 def reuses_freed_memory() -> bool:
     """Whether this process keeps freed memory for reuse: pes_calc's setting (on where
     an AOTInductor package runs), or glibc's own variable (how the peers can be run)."""
-    allocation = sys.modules.get("pes_calc._allocation")
-    if allocation is not None and allocation.applied:
+    memory = sys.modules.get("pes_calc.memory")
+    if memory is not None and memory.freed_memory_reused():
         return True
     return os.environ.get("MALLOC_MMAP_MAX_") == "0"
 
@@ -1012,6 +1012,11 @@ def main() -> None:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
+        import pes_calc
+
+        # what the pes-calc commands do: before any large tensor exists (README,
+        # "Memory settings"); PES_CALC_REUSE_FREED_MEMORY=0 measures without it
+        pes_calc.reuse_freed_memory()
         worker_main(_make_pes_calc)
     else:
         main()

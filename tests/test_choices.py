@@ -62,7 +62,8 @@ def test_strings_work_in_the_public_functions(tmp_path):
 
 
 def test_compile_takes_names(tmp_path):
-    from pes_calc.compile import compile_model, read_artefact_metadata
+    from pes_calc.artefacts import read_artefact_metadata
+    from pes_calc.compile import compile_model
 
     model = build_model(
         "soap_bpnn", ["Cu"], seed=0, soap={"max_angular": 2, "max_radial": 2}

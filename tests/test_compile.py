@@ -26,12 +26,12 @@ from helpers import emt_structures
 from pes_calc import PESCalculator, build_model, evaluate, keys, save_model
 from pes_calc import compile as compile_module
 from pes_calc.cli import main
-from pes_calc.compile import (
+from pes_calc.artefacts import (
     AOTInductorPotential,
-    compile_model,
     load_artefact,
     read_artefact_metadata,
 )
+from pes_calc.compile import compile_model
 from pes_calc.io import ModelFileError
 from pes_calc.llpr import LLPR, wrap
 from pes_calc.neighbors import atoms_to_graph

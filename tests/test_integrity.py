@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from pes_calc import build_model, load_model, save_model
-from pes_calc.compile import compile_model, load_artefact
+from pes_calc.artefacts import load_artefact
+from pes_calc.compile import compile_model
 from pes_calc.io import ModelFileError, is_checked
 
 

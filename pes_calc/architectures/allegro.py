@@ -34,7 +34,7 @@ from e3nn import o3
 from torch import Tensor, nn
 
 import pes_calc.nn.gather  # noqa: F401 (registers torch.ops.pes_calc.gathered_matvec)
-from pes_calc.build import merge_hypers
+from pes_calc.config import merge_hypers
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP, normalized_init_, readout

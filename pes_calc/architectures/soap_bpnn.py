@@ -48,11 +48,11 @@ from spex.angular import SphericalHarmonics
 from spex.radial import LaplacianEigenstates
 from torch import Tensor, nn
 
-from pes_calc.build import float64_default
 from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import shifted_cosine_cutoff
 from pes_calc.nn.long_range import LongRangeElectrostatics
 from pes_calc.nn.mlp import MLP, PerSpecies, species_groups
+from pes_calc.nn.precision import float64_construction
 from pes_calc.nn.scatter import scatter_sum
 from pes_calc.potential import Architecture
 
@@ -86,10 +86,10 @@ def _laplacian_eigenstates(
 ) -> LaplacianEigenstates:
     """Build (once per process and hypers: it takes seconds) the splined basis.
 
-    torch-spex stores its spline tables in the default dtype; build them in float64
-    so that float64 models get exact tables, restoring the caller's default after.
+    torch-spex stores its spline tables in torch's default dtype: build them in
+    float64 so that float64 models get exact tables.
     """
-    with float64_default():
+    with float64_construction():
         return LaplacianEigenstates(
             cutoff=cutoff, max_angular=max_angular, max_radial=max_radial
         )

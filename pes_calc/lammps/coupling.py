@@ -303,7 +303,7 @@ class LammpsCoupling:
         np.add.at(remote, rank_graph.remote_slot[~own], ghosts[~own])
         return local, derivatives.energies, derivatives.uncertainties, virial, remote
 
-    def _eager_model(self) -> torch.nn.Module:
+    def _eager_model(self) -> Any:
         """A model whose per-atom energies autograd can differentiate: an
         AOTInductor package's compiled graph cannot, its eager model can."""
         model = self.calculator.model

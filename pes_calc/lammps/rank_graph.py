@@ -11,6 +11,7 @@ node moves more than half of it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -68,13 +69,13 @@ def build_rank_graph(
     points = positions[candidates]
     check_geometry(points, box.cell, box.spanned)
     if device.type == "cuda":
-        edges, shifts = neighbor_list_torch(
+        edges_t, shifts_t = neighbor_list_torch(
             torch.from_numpy(points).to(device),
             torch.from_numpy(box.cell).to(device),
             torch.from_numpy(box.spanned).to(device),
             cutoff,
         )
-        edges, shifts = edges.cpu().numpy(), shifts.cpu().numpy()
+        edges, shifts = edges_t.cpu().numpy(), shifts_t.cpu().numpy()
     else:
         edges, shifts = neighbor_list(points, box.cell, box.spanned, cutoff)
     # hops from the local atoms along edges (centre → neighbour)
@@ -192,7 +193,7 @@ def local_energy_derivatives(
 
 
 def per_atom_virial(
-    model: torch.nn.Module, graph: AtomicGraph, nlocal: int
+    model: Any, graph: AtomicGraph, nlocal: int
 ) -> np.ndarray:
     """(nodes, 6) per-atom virial W_i, eV, in LAMMPS's order xx yy zz xy xz yz:
     -1/2 Σ over the edges e of atom i (as centre or neighbour) of sym(r_e ⊗ ∂E/∂r_e),

@@ -8,7 +8,7 @@ their own derivatives, so nothing per edge is kept beyond the inputs. Each backw
 is written with these operators again, so forces can be differentiated for training.
 
 They are registered as ``torch.ops.pes_calc.*`` so that TorchScript can call them;
-artefacts that use them import this module before loading (compile.REQUIRED_IMPORTS).
+artefacts that use them import this module before loading (artefacts.REQUIRED_IMPORTS).
 """
 
 import torch

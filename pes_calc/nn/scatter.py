@@ -28,7 +28,7 @@ def neighbour_normalization(
             raise ValueError(f"avg_num_neighbors has no value for {', '.join(missing)}")
         values = [float(avg_num_neighbors[s]) for s in species]
     else:
-        values = [float(avg_num_neighbors)] * len(species)  # type: ignore[arg-type]
+        values = [float(avg_num_neighbors)] * len(species)
     if min(values) <= 0:
         raise ValueError("avg_num_neighbors must be positive")
     return torch.tensor(values, dtype=torch.float64).rsqrt()

@@ -28,7 +28,8 @@ from pes_calc.architectures.allegro import (
     irrep_index,
     weighted_harmonics,
 )
-from pes_calc.compile import compile_model, read_artefact_metadata
+from pes_calc.artefacts import read_artefact_metadata
+from pes_calc.compile import compile_model
 from pes_calc.graph import edge_vectors, with_positions_and_cell
 from pes_calc.neighbors import atoms_to_graph
 from pes_calc.nn.cutoffs import polynomial_envelope

@@ -553,7 +553,8 @@ def erf_(x):
 def test_long_range_safetensors_and_torchscript_round_trips(
     use_ewald, transfer, tmp_path
 ):
-    from pes_calc.compile import compile_model, load_artefact
+    from pes_calc.artefacts import load_artefact
+    from pes_calc.compile import compile_model
 
     model = long_range_model(use_ewald, charge_transfer_radius=transfer)
     graph = batch_graphs(

@@ -5,7 +5,7 @@ import torch
 from e3nn import o3
 
 from pes_calc.architectures.nequip import Interaction, hidden_irreps
-from pes_calc.build import float64_default
+from pes_calc.nn.precision import float64_construction
 from pes_calc.nn import tensor_product
 from pes_calc.nn.scatter import scatter_sum
 from pes_calc.nn.tensor_product import EdgeTensorProduct
@@ -56,7 +56,7 @@ def _assert_same_values_and_gradients(result, expected, inputs):
     ],
 )
 def test_matches_e3nn_tensor_product_and_scatter(irreps_in, l_max, parity):
-    with float64_default():  # exact Clebsch-Gordan coefficients in both
+    with float64_construction():  # exact Clebsch-Gordan coefficients in both
         tp = _nequip_tensor_product(o3.Irreps(irreps_in), l_max, parity)
         convolution = EdgeTensorProduct(tp)
     features, harmonics, weights, edge_index = _inputs(tp, num_nodes=6, num_edges=25)
@@ -74,7 +74,7 @@ def test_matches_e3nn_tensor_product_and_scatter(irreps_in, l_max, parity):
 @pytest.mark.parametrize("edge_chunk", [None, 1, 7, 1000])
 def test_edge_chunks_do_not_change_the_result(edge_chunk):
     """None: all edges at once with plain autograd (what prepare_for_export selects)."""
-    with float64_default():
+    with float64_construction():
         tp = _nequip_tensor_product(o3.Irreps("3x0e+3x1o+3x2e"), 2, True)
         convolution = EdgeTensorProduct(tp)
     features, harmonics, weights, edge_index = _inputs(tp, num_nodes=6, num_edges=25)
@@ -93,7 +93,7 @@ def test_edge_chunks_do_not_change_the_result(edge_chunk):
 def test_second_derivatives_for_training_on_forces():
     """Training differentiates the forces: the chunked operator's backward pass
     recomputes under create_graph, which records it (gradgradcheck: finite differences)."""
-    with float64_default():
+    with float64_construction():
         tp = _nequip_tensor_product(o3.Irreps("2x0e+2x1o"), 1, True)
         convolution = EdgeTensorProduct(tp)
     convolution.edge_chunk = 4
@@ -108,7 +108,7 @@ def test_second_derivatives_for_training_on_forces():
 
 
 def test_operator_checks_of_torch_library():
-    with float64_default():
+    with float64_construction():
         tp = _nequip_tensor_product(o3.Irreps("2x0e+2x1o"), 1, True)
         convolution = EdgeTensorProduct(tp)
     features, harmonics, weights, edge_index = _inputs(tp, num_nodes=3, num_edges=9)
