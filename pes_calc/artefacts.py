@@ -76,7 +76,7 @@ def example_graph(
     generator = np.random.default_rng(0)
     structures = []
     for repeats in (2, 3):
-        # a jittered simple-cubic lattice at half the cutoff: every atom has neighbours
+        # a jittered simple-cubic lattice at half the cutoff: every atom has neighbors
         spacing = 0.5 * cutoff
         grid = np.stack(np.meshgrid(*[np.arange(repeats)] * 3), -1).reshape(-1, 3)
         positions = spacing * (grid + 0.1 * generator.standard_normal(grid.shape))

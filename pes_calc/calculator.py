@@ -2,7 +2,7 @@
 
 One forward and one backward pass per new geometry fill energy, per-atom energies,
 forces and stress together; ASE's own cache serves the other properties. The
-neighbour list is built with a Verlet skin and reused until an atom has moved more
+neighbor list is built with a Verlet skin and reused until an atom has moved more
 than half the skin (or the cell, atoms or species change).
 """
 
@@ -54,7 +54,7 @@ class PESCalculator(Calculator):
         Float type to run in (``torch.float64`` or ``"float64"``, ...); the
         model's by default.
     skin
-        Verlet skin in Å: neighbours are listed within cutoff + skin and the list is
+        Verlet skin in Å: neighbors are listed within cutoff + skin and the list is
         rebuilt only after an atom moves more than skin/2. 0 rebuilds every call.
     neighbor_backend
         ``"vesin"`` or ``"vesin-torch"``; by default vesin on CPU and vesin-torch on
@@ -165,7 +165,7 @@ class PESCalculator(Calculator):
         calculator's model, device, dtype and neighbor backend.
 
         Same results as one `calculate` per structure (stress only where the cell
-        has a volume); ``self.results`` and the neighbour-list cache are left
+        has a volume); ``self.results`` and the neighbor-list cache are left
         alone. Other keywords (``progress``, ``return_atoms``) and the result
         format: `pes_calc.evaluate`.
         """
@@ -176,7 +176,7 @@ class PESCalculator(Calculator):
     def _current_graph(
         self, atoms: ase.Atoms, system_changes: Sequence[str]
     ) -> AtomicGraph:
-        """The graph at the current positions, reusing the neighbour list if valid."""
+        """The graph at the current positions, reusing the neighbor list if valid."""
         positions = np.asarray(atoms.positions)
         rebuild = (
             self._graph is None

@@ -21,7 +21,7 @@ from torch import Tensor
 
 
 class AtomicGraph(NamedTuple):
-    """Atoms, their neighbours and the cells of one or more structures.
+    """Atoms, their neighbors and the cells of one or more structures.
 
     Units are Å throughout. N atoms, E directed edges, S structures.
     """
@@ -36,7 +36,7 @@ class AtomicGraph(NamedTuple):
     species: Tensor
     """(N,) int64: index of each atom's element in the model's species list."""
     edge_index: Tensor
-    """(2, E) int64: (centre i, neighbour j) per directed edge; both i→j and j→i."""
+    """(2, E) int64: (centre i, neighbor j) per directed edge; both i→j and j→i."""
     edge_cell_shifts: Tensor
     """(E, 3) float: integer cell shifts S with r_ij = R_j - R_i + S @ cell."""
     structure_index: Tensor
@@ -63,7 +63,7 @@ def number_of_edges(graph: AtomicGraph) -> int:
 
 
 def edge_vectors(graph: AtomicGraph) -> Tensor:
-    """(E, 3) vectors r_ij = R_j - R_i + S_ij @ cell, Å, from centre to neighbour."""
+    """(E, 3) vectors r_ij = R_j - R_i + S_ij @ cell, Å, from centre to neighbor."""
     i, j = graph.edge_index[0], graph.edge_index[1]
     # each edge takes the cell of its centre atom's structure
     edge_cells = graph.cell[graph.structure_index[i]]  # (E, 3, 3)

@@ -27,7 +27,7 @@ Positions may arrive wrapped into the cell (``<ffsocket pbc='true'>``) or not (t
 default). Each atom is moved by whole cell vectors, in the template's periodic
 directions, to the image nearest its position in the previous request
 (`nearest_images`): energy, forces and virial are unchanged, and the calculator's
-Verlet-skin neighbour list, which compares positions with those it was built for,
+Verlet-skin neighbor list, which compares positions with those it was built for,
 sees a small move instead of a jump that would force a rebuild.
 """
 
@@ -63,7 +63,7 @@ class ServeSummary:
     """What one `serve` call did.
 
     ``requests``: configurations computed and returned; ``compute_s``: wall time
-    in the calculator (neighbour list, model, conversions), s; ``connected_s``:
+    in the calculator (neighbor list, model, conversions), s; ``connected_s``:
     wall time from connection to exit, s; ``exit_reason``: why the loop ended.
     """
 
@@ -84,7 +84,7 @@ class ServeSummary:
         return (
             f"{self.exit_reason}: served {self.requests} requests from {self.server} "
             f"in {self.connected_s:.1f} s, {self.ms_per_request:.2f} ms per request "
-            f"in the calculator; neighbour lists built {self.neighbor_list_builds}, "
+            f"in the calculator; neighbor lists built {self.neighbor_list_builds}, "
             f"reused {self.neighbor_list_reuses}"
         )
 
@@ -203,7 +203,7 @@ def serve(
         Exactly one: ``"HOST:PORT"`` of an inet socket, or the NAME of a unix
         socket ``/tmp/ipi_NAME``.
     skin
-        Verlet skin of the neighbour list, Å.
+        Verlet skin of the neighbor list, Å.
     wait
         Seconds to keep trying to connect while the server is not up yet.
     log
@@ -285,7 +285,7 @@ def serve(
                 state = "HAVEDATA"
                 if requests == 1 or requests % log_interval == 0:
                     say(f"{requests} requests, {1e3 * compute_s / requests:.2f} ms "
-                        f"per request, neighbour lists built "
+                        f"per request, neighbor lists built "
                         f"{calculator.neighbor_list_builds - builds0}")
             elif message == "GETFORCE":
                 if state != "HAVEDATA" or result is None:
@@ -315,7 +315,7 @@ def nearest_images(
     """``positions`` moved by whole cell vectors (periodic directions only) to the
     image of each atom nearest its ``previous`` position (Å, cell rows in Å).
 
-    Energy, forces and virial do not change, but the Verlet-skin neighbour list
+    Energy, forces and virial do not change, but the Verlet-skin neighbor list
     then sees an atom that i-PI wrapped back into the cell, or the same atom in
     another bead, as the small move it is, not as a jump that forces a rebuild.
     """

@@ -1,4 +1,4 @@
-"""Neighbour lists from vesin, and the conversion ``ase.Atoms`` → `AtomicGraph`.
+"""Neighbor lists from vesin, and the conversion ``ase.Atoms`` → `AtomicGraph`.
 
 This is the only module that talks to vesin. The backend is chosen explicitly:
 ``"vesin"`` (numpy, CPU) or ``"vesin-torch"`` (torch tensors, CPU or CUDA); by default
@@ -59,9 +59,9 @@ def check_geometry(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray) -> 
 def neighbor_list(
     positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Full neighbour list with numpy vesin.
+    """Full neighbor list with numpy vesin.
 
-    Returns the (2, E) int64 edge index (centre, neighbour) and the (E, 3) int64
+    Returns the (2, E) int64 edge index (centre, neighbor) and the (E, 3) int64
     cell shifts such that r_ij = R_j - R_i + S_ij @ cell.
     """
     import vesin
@@ -77,12 +77,12 @@ def neighbor_list(
 def neighbor_list_torch(
     positions: torch.Tensor, cell: torch.Tensor, pbc: torch.Tensor, cutoff: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Full neighbour list with vesin-torch, on the tensors' device (CPU or CUDA)."""
+    """Full neighbor list with vesin-torch, on the tensors' device (CPU or CUDA)."""
     try:
         from vesin_torch import NeighborList
     except ImportError as error:  # its wheels are tied to torch versions
         raise ImportError(
-            "the 'vesin-torch' neighbour-list backend needs the vesin-torch package "
+            "the 'vesin-torch' neighbor-list backend needs the vesin-torch package "
             f"built for torch {torch.__version__}: pip install vesin-torch"
         ) from error
     calculator = NeighborList(cutoff=float(cutoff), full_list=True)
@@ -111,7 +111,7 @@ def atoms_to_graph(
     species
         The model's chemical symbols, in type order.
     cutoff
-        Neighbour cutoff radius in Å (a model's cutoff, plus any Verlet skin).
+        Neighbor cutoff radius in Å (a model's cutoff, plus any Verlet skin).
     dtype, device
         Of the float fields of the graph.
     backend
@@ -141,7 +141,7 @@ def atoms_to_graph(
         )
         edge_cell_shifts = int_shifts.to(dtype)
     else:
-        raise ValueError(f"unknown neighbour-list backend {backend!r}")
+        raise ValueError(f"unknown neighbor-list backend {backend!r}")
     return AtomicGraph(
         positions=positions_t,
         cell=cell_t.unsqueeze(0),

@@ -25,7 +25,7 @@ seconds (at least ``--min-calls``): big systems get fewer steps, and the
 ``n`` column says how many. Figures are medians over the timed evaluations.
 
 The profile splits each evaluation of pes_calc (wall clock, ``time.perf_counter``
-around PESCalculator's stages, instrumented here by a subclass): neighbour list
+around PESCalculator's stages, instrumented here by a subclass): neighbor list
 (``_current_graph``: skin check or rebuild, cutoff filter, tensor conversion), model
 forward (``predict_energies``), backward (``add_derivatives``) and the rest
 (calculator overhead: ASE's state check, result conversion, Python). An AOTInductor
@@ -81,7 +81,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "allegro_mlp_hidden_layers_width": 128,
     },
 }
-# the normalisation constant of NequIP/Allegro: about 43 neighbours within 5 Å in fcc Cu
+# the normalisation constant of NequIP/Allegro: about 43 neighbors within 5 Å in fcc Cu
 AVG_NUM_NEIGHBORS = 43.0
 SYSTEMS = ["32", "256", "2048", "16384", "cluster"]
 ARTEFACTS = ["eager", "torchscript", "aotinductor"]
@@ -168,7 +168,7 @@ def compute(calc: Any, atoms: ase.Atoms, properties: Sequence[str]) -> dict:
 
     ``atoms.get_potential_energy(); atoms.get_forces(); ...`` would cost calculators
     that compute only what is asked (metatomic's) one evaluation per property, and
-    ASE's ``calculate_properties`` reports every system change (forcing neighbour
+    ASE's ``calculate_properties`` reports every system change (forcing neighbor
     lists to be rebuilt); this does neither.
     """
     changes = calc.check_state(atoms)
@@ -535,7 +535,7 @@ def _make_pes_calc(spec: dict[str, Any]) -> tuple[Any, Stages | None]:
             start = time.perf_counter()
             graph = super()._current_graph(atoms, system_changes)
             stages.sync()
-            stages.add("neighbours", time.perf_counter() - start)
+            stages.add("neighbors", time.perf_counter() - start)
             return graph
 
     if not spec.get("profile", True):
@@ -755,7 +755,7 @@ def ours_table(records: list[dict], systems: Sequence[str]) -> str:
     """A row per architecture × artefact × system: times, profile, memory."""
     lines = [
         "| model | artefact | atoms | single (ms) | MD (ms/step) | atoms·steps/s | n | "
-        "neighbours | forward | backward | overhead | peak RSS (MB) | Δ RSS (MB) | "
+        "neighbors | forward | backward | overhead | peak RSS (MB) | Δ RSS (MB) | "
         "load |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -774,9 +774,9 @@ def ours_table(records: list[dict], systems: Sequence[str]) -> str:
         results = record["results"]
         md = results.get("md") or results.get("single")
         shares = md["shares"]
-        cells = [shares.get(name) for name in ("neighbours", "forward", "backward")]
+        cells = [shares.get(name) for name in ("neighbors", "forward", "backward")]
         if "model" in shares:  # one compiled call: forward + backward together
-            cells = [shares.get("neighbours"), shares["model"], None]
+            cells = [shares.get("neighbors"), shares["model"], None]
         share_text = [f"{100 * s:.0f}%" if s is not None else "–" for s in cells]
         counts = "/".join(str(r["n"]) for r in results.values())
         lines.append(

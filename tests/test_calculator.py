@@ -136,7 +136,7 @@ def test_forces_match_finite_differences(model64):
     assert np.abs(forces).max() > 0.1
     numerical = calculate_numerical_forces(atoms, eps=1e-4)
     np.testing.assert_allclose(forces, numerical, rtol=1e-6, atol=1e-7)
-    # momentum is conserved: Newton's third law over a full neighbour list
+    # momentum is conserved: Newton's third law over a full neighbor list
     np.testing.assert_allclose(forces.sum(axis=0), 0.0, atol=1e-12)
 
 
@@ -265,7 +265,7 @@ def test_nan_positions(model64, skin):
     atoms.positions[2, 0] = np.nan
     with pytest.raises(ValueError, match=r"atoms \[2\] are NaN"):
         atoms.get_potential_energy()
-    # also when a neighbour list from an earlier call could be reused
+    # also when a neighbor list from an earlier call could be reused
     atoms = _triclinic()
     atoms.calc = calc
     atoms.get_potential_energy()
@@ -279,7 +279,7 @@ def test_negative_skin(model64):
         _calculator(model64, skin=-0.1)
 
 
-# ---- neighbour-list skin -------------------------------------------------------------
+# ---- neighbor-list skin -------------------------------------------------------------
 
 
 def _md_trajectory(model, skin: float, steps: int = 30):
@@ -315,7 +315,7 @@ def test_skin_gives_the_same_md_trajectory(model64):
     assert np.ptp(energies5) < 1e-2 * np.abs(energies5).max() + 1e-3
 
 
-def test_reused_neighbour_list_matches_a_fresh_one(model64):
+def test_reused_neighbor_list_matches_a_fresh_one(model64):
     atoms = _triclinic()
     reference = _results(_calculator(model64, skin=0.0), atoms)
     calc = _calculator(model64, skin=1.0)
@@ -334,7 +334,7 @@ def test_reused_neighbour_list_matches_a_fresh_one(model64):
     assert reference["energy"] != pytest.approx(atoms.get_potential_energy(), rel=1e-6)
 
 
-def test_cell_change_rebuilds_the_neighbour_list(model64):
+def test_cell_change_rebuilds_the_neighbor_list(model64):
     atoms = _triclinic()
     calc = _calculator(model64, skin=0.5)
     atoms.calc = calc

@@ -95,7 +95,7 @@ def _structures(seed: int = 0) -> list[ase.Atoms]:
 
 def _one_by_one(model, structures, properties=("energy", "energies", "forces")):
     """``PESCalculator.results`` of each structure on its own (a new calculator
-    each time: no neighbour list carried over)."""
+    each time: no neighbor list carried over)."""
     results = []
     for atoms in structures:
         calculator = PESCalculator(model, device="cpu")
@@ -131,7 +131,7 @@ def test_batched_equals_one_by_one(model, batch_size):
     assert isinstance(batched[0]["energy"], float)
 
 
-def test_results_do_not_depend_on_batch_neighbours(model):
+def test_results_do_not_depend_on_batch_neighbors(model):
     """A structure's results are the same alone and amid others (no cross-talk
     through shared atom or structure indices)."""
     structures = _structures()

@@ -125,7 +125,7 @@ def test_nearest_images_undo_wrapping():
 def test_serve_matches_the_calculator_through_ase_server(model):
     """Energy, forces and stress (from the virial) through the socket equal the
     calculator's; positions wrapped into the cell neither change them nor force a
-    neighbour-list rebuild; the client exits cleanly when the server closes."""
+    neighbor-list rebuild; the client exits cleanly when the server closes."""
     atoms = fcc()
     reference = PESCalculator(model, device="cpu", skin=0.0)
     calculator = PESCalculator(model, device="cpu", skin=0.5)
@@ -361,7 +361,7 @@ def test_ipi_pimd_nvt_with_two_clients(model, tmp_path):
     assert served > 0 and thread_summary.requests > 0, (served, thread_summary)
     assert served + thread_summary.requests == 2 * (steps + 1)
     assert thread_summary.exit_reason == "the server sent EXIT"
-    # pbc='true' wraps positions; neighbour lists are still reused
+    # pbc='true' wraps positions; neighbor lists are still reused
     assert thread_summary.neighbor_list_builds <= 2, thread_summary
 
     table = np.loadtxt(tmp_path / "sim.out", ndmin=2)

@@ -1,4 +1,4 @@
-"""Tests of `pes_calc.neighbors`: graphs against ASE's neighbour list, and bad input."""
+"""Tests of `pes_calc.neighbors`: graphs against ASE's neighbor list, and bad input."""
 
 import re
 
@@ -108,7 +108,7 @@ def test_edges_match_ase(name):
     # the edge vectors are those of ASE, shorter than the cutoff
     distances = torch.linalg.vector_norm(edge_vectors(graph), dim=-1)
     assert distances.max() < CUTOFF
-    assert distances.min() > 0.0  # no atom is its own neighbour at zero shift
+    assert distances.min() > 0.0  # no atom is its own neighbor at zero shift
     _, _, ase_distances = ase_neighbor_list("ijd", atoms, CUTOFF)
     np.testing.assert_allclose(
         np.sort(distances.numpy()), np.sort(ase_distances), rtol=0, atol=1e-10
@@ -120,10 +120,10 @@ def test_small_cell_sees_many_images():
     graph = atoms_to_graph(atoms, SPECIES, CUTOFF)
     shifts = graph.edge_cell_shifts.abs().max(dim=0).values
     assert torch.all(shifts >= 2), "images beyond the nearest must be listed"
-    # an atom is a neighbour of its own images
+    # an atom is a neighbor of its own images
     i, j = graph.edge_index
     assert bool(torch.any(i == j))
-    # ~ (4/3 π 5³ Å³) / (13.7 Å³ per 2 atoms) ≈ 76 neighbours per atom
+    # ~ (4/3 π 5³ Å³) / (13.7 Å³ per 2 atoms) ≈ 76 neighbors per atom
     assert graph.edge_index.shape[1] > 120
 
 
@@ -210,7 +210,7 @@ def test_cuda_graph_matches_cpu():
 
 
 def test_unknown_backend():
-    with pytest.raises(ValueError, match="unknown neighbour-list backend 'matscipy'"):
+    with pytest.raises(ValueError, match="unknown neighbor-list backend 'matscipy'"):
         atoms_to_graph(_cluster(), SPECIES, CUTOFF, backend="matscipy")
 
 

@@ -2,7 +2,7 @@
 
 Hyperparameter names and defaults are nequip-allegro's ``AllegroModel``. Every edge
 ij carries scalar latents x_ij and tensor features V_ij (num_tensor_features
-channels of each irrep); all sums run over the neighbours k of the centre i only.
+channels of each irrep); all sums run over the neighbors k of the centre i only.
 
 | step | code | formula |
 |---|---|---|
@@ -22,8 +22,8 @@ has weights of standard deviation 1/√fan_in and unit-second-moment activations
 (`pes_calc.nn.mlp`), e3nn's tensor products are normalised, so the scalar latents and
 the tensor track of an untrained model stay O(1) through the layers (with PyTorch's
 default init the tensor track shrank ~100× per layer). That needs avg_num_neighbors
-near the actual mean neighbour count: without it every environment Γ_i grows like
-√neighbours, and the tensor track, a product of them, with its power.
+near the actual mean neighbor count: without it every environment Γ_i grows like
+√neighbors, and the tensor track, a product of them, with its power.
 """
 
 import math
@@ -39,7 +39,7 @@ from pes_calc.graph import AtomicGraph, number_of_atoms
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP, normalized_init_, readout
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
-from pes_calc.nn.scatter import neighbour_normalization, scatter_sum
+from pes_calc.nn.scatter import neighbor_normalization, scatter_sum
 from pes_calc.potential import Architecture
 
 RADIAL_EMBEDS: Dict[str, dict] = {
@@ -88,7 +88,7 @@ DEFAULT_HYPERS: dict = {
 
 class BesselEmbedding(nn.Module):
     """TwoBodyBesselScalarEmbed: Bessel basis × envelope, projected and multiplied by
-    a learned embedding of the (centre, neighbour) type pair."""
+    a learned embedding of the (centre, neighbor) type pair."""
 
     def __init__(self, num_species: int, hypers: Dict):
         super().__init__()
@@ -277,8 +277,8 @@ class Allegro(Architecture):
             hypers["readout_mlp_nonlinearity"],
         )
         self.register_buffer(
-            "neighbour_normalization",
-            neighbour_normalization(species, hypers["avg_num_neighbors"]),
+            "neighbor_normalization",
+            neighbor_normalization(species, hypers["avg_num_neighbors"]),
             persistent=False,
         )
 
@@ -289,7 +289,7 @@ class Allegro(Architecture):
         num_atoms = number_of_atoms(graph)
         lengths = torch.linalg.vector_norm(vectors, dim=-1)
         x = self.edge_cutoffs.normalized_lengths(lengths, species_i, species_j)
-        normalization = self.neighbour_normalization.to(vectors.dtype)[graph.species]
+        normalization = self.neighbor_normalization.to(vectors.dtype)[graph.species]
 
         embedding = self.two_body_mlp(self.radial_embedding(x, species_i, species_j))
         latents = self.scalar_embed_mlp(embedding)  # (E, S)

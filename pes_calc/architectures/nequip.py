@@ -19,7 +19,7 @@ per species and feature, as nequip's ``nn.Embedding``), and e3nn's linears, tens
 products and gates are normalised. The radial MLPs' first layers are scaled by
 `RADIAL_INPUT_SCALE` to start from nequip's radial weights (see `Interaction`), so the
 untrained model's node features stay O(0.1-1) through the layers, given an
-avg_num_neighbors near the actual mean neighbour count.
+avg_num_neighbors near the actual mean neighbor count.
 """
 
 import math
@@ -34,7 +34,7 @@ from pes_calc.graph import AtomicGraph
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP, normalized_init_, readout
 from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
-from pes_calc.nn.scatter import neighbour_normalization
+from pes_calc.nn.scatter import neighbor_normalization
 from pes_calc.nn.tensor_product import EdgeTensorProduct
 from pes_calc.potential import Architecture
 
@@ -134,7 +134,7 @@ class Interaction(nn.Module):
         # of ours: radial weights start at ~0.15, not ~1, and the self-connection
         # dominates at initialisation. With unit radial weights the gates (features ×
         # activated features) square every per-layer gain above 1 (coherent sums over
-        # a crystal's neighbour shells, convolution + self-connection): node features
+        # a crystal's neighbor shells, convolution + self-connection): node features
         # of an untrained 4-layer model reached 10²-10⁴ on rattled fcc Cu.
         normalized_init_(self.radial[0], gain=RADIAL_INPUT_SCALE)
         self.linear_out = o3.Linear(o3.Irreps(irreps_mid), irreps_gate_in)
@@ -153,12 +153,12 @@ class Interaction(nn.Module):
         harmonics: Tensor,
         radial_basis: Tensor,
         edge_index: Tensor,
-        neighbour_normalization: Tensor,
+        neighbor_normalization: Tensor,
     ) -> Tensor:
         """(N, irreps_in) node features → (N, irreps_out)."""
         weights = self.radial(radial_basis)
         aggregated = self.convolution(self.linear_in(features), harmonics, weights, edge_index)
-        updated = self.linear_out(aggregated * neighbour_normalization.unsqueeze(-1))
+        updated = self.linear_out(aggregated * neighbor_normalization.unsqueeze(-1))
         self_connection = self.self_connection
         if self_connection is not None:
             updated = updated + self_connection(features, one_hot)
@@ -210,8 +210,8 @@ class NequIP(Architecture):
             hypers["readout_mlp_nonlinearity"],
         )
         self.register_buffer(
-            "neighbour_normalization",
-            neighbour_normalization(species, hypers["avg_num_neighbors"]),
+            "neighbor_normalization",
+            neighbor_normalization(species, hypers["avg_num_neighbors"]),
             persistent=False,
         )
 
@@ -224,7 +224,7 @@ class NequIP(Architecture):
         radial_basis = self.bessel(x) * envelope.unsqueeze(-1)  # (E, num_bessels)
         harmonics = self.spherical_harmonics(vectors)  # (E, (l_max+1)²)
         one_hot = nn.functional.one_hot(graph.species, self.num_species).to(vectors.dtype)
-        normalization = self.neighbour_normalization.to(vectors.dtype)[graph.species]
+        normalization = self.neighbor_normalization.to(vectors.dtype)[graph.species]
         features = self.type_embedding(one_hot)
         for layer in self.layers:
             features = layer(

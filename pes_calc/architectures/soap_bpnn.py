@@ -206,7 +206,7 @@ class SoapBpnn(Architecture):
         return (one_hot.unsqueeze(-1) * features.unsqueeze(1)).flatten(1)
 
     def _density(self, graph: AtomicGraph, vectors: Tensor) -> List[Tensor]:
-        """Neighbour densities per l, each (N, 2l+1, T·n_l)."""
+        """Neighbor densities per l, each (N, 2l+1, T·n_l)."""
         i, j = graph.edge_index[0], graph.edge_index[1]
         lengths = torch.linalg.vector_norm(vectors, dim=-1)  # (E,)
         cutoff = shifted_cosine_cutoff(lengths, self.cutoff, self.cutoff_width)
@@ -220,7 +220,7 @@ class SoapBpnn(Architecture):
             1, self.product_radial
         )  # (E, Σ (2l+1) n_l)
         num_atoms = number_of_atoms(graph)
-        slot = i * self.num_species + graph.species[j]  # (centre, neighbour species)
+        slot = i * self.num_species + graph.species[j]  # (centre, neighbor species)
         density = scatter_sum(products, slot, num_atoms * self.num_species)
         densities: List[Tensor] = []
         for l, block in enumerate(torch.split(density, self.density_sizes, dim=1)):

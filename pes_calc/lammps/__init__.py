@@ -47,7 +47,7 @@ DEFAULT_NEIGHBOR_SKIN = 2.0  # LAMMPS's default for units metal, Å
 
 def ghost_cutoff(calculator: PESCalculator, neighbor_skin: float) -> float:
     """Ghost-atom cutoff (Å) for exact forces: the model's receptive field plus
-    the distance LAMMPS lets atoms move between re-neighbourings."""
+    the distance LAMMPS lets atoms move between re-neighborings."""
     return calculator.cutoff * receptive_layers(calculator.metadata) + neighbor_skin
 
 
@@ -85,9 +85,9 @@ def attach(
         As for `PESCalculator` (device: CPU unless given; ``"cuda"`` on several
         ranks gives each rank on a node its own GPU, local rank modulo the GPU
         count; ``"cuda:N"`` is taken as given). ``skin`` (Å) is pes_calc's own
-        Verlet skin between LAMMPS's re-neighbourings.
+        Verlet skin between LAMMPS's re-neighborings.
     neighbor_skin
-        LAMMPS's neighbour skin (the ``neighbor`` command; 2 Å by default in units
+        LAMMPS's neighbor skin (the ``neighbor`` command; 2 Å by default in units
         metal): how far atoms move before LAMMPS rebuilds its ghost atoms. The
         ghost cutoff is the model's receptive field plus this; a run where atoms
         move farther stops with an error, never a wrong force.

@@ -9,7 +9,7 @@ LAMMPS. The rank's energy is the sum of its local atoms' energies, so the ranks'
 forces, energies and virials add up to those of the whole box.
 
 Exact for any rank count: the ghost shell LAMMPS communicates is the model's
-receptive field (``cutoff`` × message-passing layers) plus LAMMPS's neighbour skin,
+receptive field (``cutoff`` × message-passing layers) plus LAMMPS's neighbor skin,
 and the graph keeps the edges whose centres can reach a local atom's energy.
 Strictly local models (one layer: SOAP-BPNN, Allegro) give every artefact's own
 forces; message passing across ranks (NequIP) differentiates the local atoms'
@@ -77,7 +77,7 @@ class LammpsCoupling:
     seconds
         Wall time spent in them (model, graph, communication).
     neighbor_list_builds
-        Neighbour lists built on this rank (LAMMPS re-neighbourings or moves past
+        Neighbor lists built on this rank (LAMMPS re-neighborings or moves past
         half the skin).
     error
         The message that stopped the run, or None.
@@ -122,7 +122,7 @@ class LammpsCoupling:
         self._selection: GhostSelection | None = None
         self._counts: tuple[int, int] = (-1, -1)
         self._graph: RankGraph | None = None
-        self._reneighboured_at: np.ndarray | None = None
+        self._reneighbored_at: np.ndarray | None = None
         self._warned_eager = False
 
     # -- the callback ------------------------------------------------------------
@@ -178,7 +178,7 @@ class LammpsCoupling:
         if reports[:, 3].max() > 0.5 * self.neighbor_skin and not reports[:, 1].any():
             problem = (
                 f"an atom moved {reports[:, 3].max():.3g} Å since LAMMPS last rebuilt "
-                f"its ghost atoms, more than half the neighbour skin pes_calc was "
+                f"its ghost atoms, more than half the neighbor skin pes_calc was "
                 f"given ({self.neighbor_skin} Å): ghost atoms may be missing. Give "
                 "pes-calc lammps --neighbor-skin the skin of the input's `neighbor` "
                 "command, or let LAMMPS check distances (neigh_modify check yes)"
@@ -225,7 +225,7 @@ class LammpsCoupling:
     # -- ghosts and graph ----------------------------------------------------------
 
     def _replan(self, positions: np.ndarray, tags: np.ndarray, nlocal: int) -> None:
-        """New ghosts after a LAMMPS re-neighbouring: select them, plan the exchange."""
+        """New ghosts after a LAMMPS re-neighboring: select them, plan the exchange."""
         units = self.lmp.extract_global("units")
         if units != "metal":
             self.error = f"units {units}: pes_calc models work in units metal (eV, Å)"
@@ -246,13 +246,13 @@ class LammpsCoupling:
         self._num_remote = len(unique_tags)
         tracked = np.concatenate([np.arange(nlocal), selection.kept])
         self._tracked = tracked
-        self._reneighboured_at = positions[tracked].copy()
+        self._reneighbored_at = positions[tracked].copy()
         self._graph = None
 
     def _displacement(self, positions: np.ndarray, nlocal: int) -> float:
-        """Largest move of a local or kept ghost atom since LAMMPS's re-neighbouring."""
-        assert self._reneighboured_at is not None
-        moved = positions[self._tracked] - self._reneighboured_at
+        """Largest move of a local or kept ghost atom since LAMMPS's re-neighboring."""
+        assert self._reneighbored_at is not None
+        moved = positions[self._tracked] - self._reneighbored_at
         return float(np.sqrt((moved**2).sum(axis=1).max(initial=0.0)))
 
     def _evaluate(self, positions: np.ndarray, nlocal: int, with_atom_virial: bool):  # noqa: ANN202

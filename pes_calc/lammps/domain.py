@@ -142,7 +142,7 @@ def guess_owners(
     periodic), or -1. ``all_sub_lo``/``all_sub_hi`` are (P, 3), one row per rank.
 
     LAMMPS assigns an atom to the rank whose sub-domain contains it at the last
-    re-neighbouring; near a face, rounding can pick the neighbour instead, which
+    re-neighboring; near a face, rounding can pick the neighbor instead, which
     the caller checks with the guessed owner.
     """
     wrapped = np.where(box.periodic, lam - np.floor(lam), lam)

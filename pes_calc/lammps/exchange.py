@@ -5,12 +5,12 @@ ghost coordinates too (a local atom's energy depends on the ghosts around it). T
 terms belong to the ghosts' owners: LAMMPS does this sum for pair styles
 (``newton on``), but a ``fix external`` sees only local forces, so pes_calc does it
 over mpi4py. The plan (who sends which atom to whom) is made once per LAMMPS
-re-neighbouring; each step then costs one ``Alltoallv`` of 3 floats per ghost.
+re-neighboring; each step then costs one ``Alltoallv`` of 3 floats per ghost.
 
 Owners are found without any global list of atoms: a ghost's wrapped fractional
-position names the sub-domain that held it at re-neighbouring, that rank confirms
+position names the sub-domain that held it at re-neighboring, that rank confirms
 the tag, and only tags that no guessed owner confirms (an atom on a face, rounded
-to the neighbour) are asked of every rank.
+to the neighbor) are asked of every rank.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ Nodes are the local atoms (first, in LAMMPS's order) and the kept ghosts that ca
 reach a local atom's energy within the model's message-passing layers; edges are
 those whose centre can. Along spanned directions the cell's periodicity makes the
 images (``edge_cell_shifts``), across sub-domain faces ghosts are explicit
-coordinates. The neighbour list is built with a Verlet skin and reused until a
+coordinates. The neighbor list is built with a Verlet skin and reused until a
 node moves more than half of it.
 """
 
@@ -24,7 +24,7 @@ from pes_calc.neighbors import check_geometry, neighbor_list, neighbor_list_torc
 
 @dataclass
 class RankGraph:
-    """What stays fixed between neighbour-list builds."""
+    """What stays fixed between neighbor-list builds."""
 
     atoms: np.ndarray
     """(n,) LAMMPS indices of the nodes: local atoms first, then ghosts."""
@@ -59,7 +59,7 @@ def build_rank_graph(
     device: torch.device,
     dtype: torch.dtype,
 ) -> RankGraph:
-    """Neighbours within ``cutoff`` (model cutoff + skin, Å) of local atoms and the
+    """Neighbors within ``cutoff`` (model cutoff + skin, Å) of local atoms and the
     kept ``ghosts``, pruned to what reaches a local energy in ``layers`` steps.
 
     ``species_of_atom`` holds the model's species index of every LAMMPS atom;
@@ -78,7 +78,7 @@ def build_rank_graph(
         edges, shifts = edges_t.cpu().numpy(), shifts_t.cpu().numpy()
     else:
         edges, shifts = neighbor_list(points, box.cell, box.spanned, cutoff)
-    # hops from the local atoms along edges (centre → neighbour)
+    # hops from the local atoms along edges (centre → neighbor)
     hops = np.full(len(candidates), layers + 1, dtype=np.int64)
     hops[:nlocal] = 0
     for hop in range(1, layers + 1):
@@ -196,7 +196,7 @@ def per_atom_virial(
     model: Any, graph: AtomicGraph, nlocal: int
 ) -> np.ndarray:
     """(nodes, 6) per-atom virial W_i, eV, in LAMMPS's order xx yy zz xy xz yz:
-    -1/2 Σ over the edges e of atom i (as centre or neighbour) of sym(r_e ⊗ ∂E/∂r_e),
+    -1/2 Σ over the edges e of atom i (as centre or neighbor) of sym(r_e ⊗ ∂E/∂r_e),
     with E the local atoms' energy. The rows sum to the rank's virial -∂E/∂ε.
 
     Needs the edge vectors as autograd inputs: a `Potential` (or `LLPR`) in eager or

@@ -147,7 +147,7 @@ def run_input(
 ) -> dict[str, Any]:
     """Run the LAMMPS input at ``path`` on every rank of COMM_WORLD with ``model``.
 
-    Returns a summary (on every rank): force calls, seconds in them, neighbour-list
+    Returns a summary (on every rank): force calls, seconds in them, neighbor-list
     builds, ranks, threads, the ghost cutoff and an uncertainty stop if any.
     Raises `LammpsRunError` on every rank, never on one alone (no MPI job hangs).
     """

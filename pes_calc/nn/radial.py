@@ -2,7 +2,7 @@
 
 | symbol | code | meaning |
 |---|---|---|
-| r_c(a, b) | `EdgeCutoffs` | cutoff of an edge from a type-a centre to a type-b neighbour, Å |
+| r_c(a, b) | `EdgeCutoffs` | cutoff of an edge from a type-a centre to a type-b neighbor, Å |
 | x = r / r_c | `EdgeCutoffs.normalized_lengths` | edge length in units of its cutoff |
 | b_n(x) = √2 sin(nπx) / x | `BesselBasis` | Bessel basis on [0, 1], n = 1..num_bessels |
 | u(x) | `polynomial_envelope` (p) | smooth cutoff, zero for x ≥ 1 |
@@ -16,11 +16,11 @@ from torch import Tensor, nn
 
 
 class EdgeCutoffs(nn.Module):
-    """Per edge-type cutoffs: r_max, optionally lowered per (centre, neighbour) type.
+    """Per edge-type cutoffs: r_max, optionally lowered per (centre, neighbor) type.
 
     ``per_edge_type_cutoff`` follows nequip: ``{"H": 3.0, "C": {"H": 3.5, "C": 4.0}}``
-    — a number applies to every neighbour of that centre type, a mapping to the named
-    neighbour types; unnamed pairs keep ``r_max``. Values may not exceed ``r_max``.
+    — a number applies to every neighbor of that centre type, a mapping to the named
+    neighbor types; unnamed pairs keep ``r_max``. Values may not exceed ``r_max``.
     """
 
     def __init__(
@@ -38,17 +38,17 @@ class EdgeCutoffs(nn.Module):
             targets: Dict[str, float] = (
                 dict(value) if isinstance(value, Mapping) else dict.fromkeys(species, value)
             )
-            for neighbour, cutoff in targets.items():
-                if neighbour not in index:
+            for neighbor, cutoff in targets.items():
+                if neighbor not in index:
                     raise ValueError(
-                        f"per_edge_type_cutoff names {neighbour!r}, not a model species"
+                        f"per_edge_type_cutoff names {neighbor!r}, not a model species"
                     )
                 if not 0.0 < float(cutoff) <= r_max:
                     raise ValueError(
-                        f"per_edge_type_cutoff {centre}-{neighbour} = {cutoff} must be in "
+                        f"per_edge_type_cutoff {centre}-{neighbor} = {cutoff} must be in "
                         f"(0, r_max = {r_max}]"
                     )
-                cutoffs[index[centre], index[neighbour]] = float(cutoff)
+                cutoffs[index[centre], index[neighbor]] = float(cutoff)
         self.register_buffer("cutoffs", cutoffs, persistent=False)
 
     def normalized_lengths(

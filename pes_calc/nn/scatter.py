@@ -16,7 +16,7 @@ def scatter_sum(values: Tensor, index: Tensor, size: int) -> Tensor:
     return out.index_add(0, index, values)
 
 
-def neighbour_normalization(
+def neighbor_normalization(
     species: Sequence[str], avg_num_neighbors: Optional[object]
 ) -> Tensor:
     """(T,) factors 1/√(avg_num_neighbors) per centre type (1 when not given)."""

@@ -1,5 +1,5 @@
 """Edge convolution Σ_j w_ij ⊙ (x_j ⊗ Y(r̂_ij)): an e3nn 'uvu' tensor product of
-neighbour features with edge harmonics, summed onto the centre atoms.
+neighbor features with edge harmonics, summed onto the centre atoms.
 
 `EdgeTensorProduct` computes exactly what ``scatter_sum(tp(x[j], Y, w), i, N)`` does for
 an ``e3nn.o3.TensorProduct`` ``tp`` whose paths are all weighted 'uvu' paths, but
@@ -33,7 +33,7 @@ EDGE_CHUNK = 2048
 
 
 def _path_messages(
-    neighbour_features: Tensor,
+    neighbor_features: Tensor,
     harmonics: Tensor,
     path_weights: Tensor,
     coupling: Tensor,
@@ -42,10 +42,10 @@ def _path_messages(
 ) -> List[Tensor]:
     """Messages of the paths from one input irrep, one (E, p, 2l₃+1, u) tensor per
     output degree, from (E, 2l₁+1, u) features, (E, sh) harmonics, (E, P, u) weights."""
-    num_edges, ir_dim = neighbour_features.shape[0], neighbour_features.shape[1]
+    num_edges, ir_dim = neighbor_features.shape[0], neighbor_features.shape[1]
     # contract the harmonics first: (E, D, 2l₁+1) is small next to (E, D, u)
     coupled_harmonics = (harmonics @ coupling).reshape(num_edges, -1, ir_dim)
-    products = torch.bmm(coupled_harmonics, neighbour_features)  # (E, D, u)
+    products = torch.bmm(coupled_harmonics, neighbor_features)  # (E, D, u)
     widths = [p * d for p, d in zip(group_paths, group_dims)]
     group_products = products.split(widths, dim=1)
     group_weights = path_weights.split(group_paths, dim=1)
@@ -66,7 +66,7 @@ def edge_paths(
     harmonics: Tensor,
     path_weights: Tensor,
     centres: Tensor,
-    neighbours: Tensor,
+    neighbors: Tensor,
     coupling: Tensor,
     group_paths: List[int],
     group_dims: List[int],
@@ -81,7 +81,7 @@ def edge_paths(
     ]
     for a, b in _chunks(centres.shape[0], edge_chunk):
         messages = _path_messages(
-            features.index_select(0, neighbours[a:b]),
+            features.index_select(0, neighbors[a:b]),
             harmonics[a:b],
             path_weights[a:b],
             coupling,
@@ -99,7 +99,7 @@ def _(
     harmonics,
     path_weights,
     centres,
-    neighbours,
+    neighbors,
     coupling,
     group_paths,
     group_dims,
@@ -121,7 +121,7 @@ def _edge_paths_backward(ctx, grads: List[Optional[Tensor]]):  # noqa: ANN001, A
     """Recompute each chunk's messages with autograd and pull the centres' gradients
     back through them. Under create_graph (training on forces) the recomputation is
     itself recorded, so the result can be differentiated again."""
-    features, harmonics, path_weights, centres, neighbours, coupling = ctx.saved_tensors
+    features, harmonics, path_weights, centres, neighbors, coupling = ctx.saved_tensors
     group_paths, group_dims, edge_chunk = ctx.groups
     create_graph = torch.is_grad_enabled()
     grad_features = torch.zeros_like(features)
@@ -130,7 +130,7 @@ def _edge_paths_backward(ctx, grads: List[Optional[Tensor]]):  # noqa: ANN001, A
     for a, b in _chunks(centres.shape[0], edge_chunk):
         with torch.enable_grad():
             inputs = [
-                features.index_select(0, neighbours[a:b]),
+                features.index_select(0, neighbors[a:b]),
                 harmonics[a:b],
                 path_weights[a:b],
             ]
@@ -146,9 +146,9 @@ def _edge_paths_backward(ctx, grads: List[Optional[Tensor]]):  # noqa: ANN001, A
             )
         grad_x = torch.zeros_like(inputs[0]) if grad_x is None else grad_x
         if create_graph:  # out of place, so that autograd can record it
-            grad_features = grad_features.index_add(0, neighbours[a:b], grad_x)
+            grad_features = grad_features.index_add(0, neighbors[a:b], grad_x)
         else:
-            grad_features.index_add_(0, neighbours[a:b], grad_x)
+            grad_features.index_add_(0, neighbors[a:b], grad_x)
         grad_harmonics.append(torch.zeros_like(inputs[1]) if grad_h is None else grad_h)
         grad_weights.append(torch.zeros_like(inputs[2]) if grad_w is None else grad_w)
     if not grad_harmonics:  # no edges
@@ -296,7 +296,7 @@ class EdgeTensorProduct(nn.Module):
             self.block_paths, dim=1
         )
         inputs = node_features.split(self.input_dims, dim=1)
-        centres, neighbours = edge_index[0], edge_index[1]
+        centres, neighbors = edge_index[0], edge_index[1]
         aggregated: List[List[Tensor]] = []
         for k, block in enumerate(self.blocks):
             # (N, 2l₁+1, u): channels innermost, as in the products
@@ -311,7 +311,7 @@ class EdgeTensorProduct(nn.Module):
                         harmonics,
                         block_weights[k],
                         centres,
-                        neighbours,
+                        neighbors,
                         block.coupling,
                         block.group_paths,
                         block.group_dims,
@@ -320,7 +320,7 @@ class EdgeTensorProduct(nn.Module):
                 )
             else:
                 messages = _path_messages(
-                    features.index_select(0, neighbours),
+                    features.index_select(0, neighbors),
                     harmonics,
                     block_weights[k],
                     block.coupling,

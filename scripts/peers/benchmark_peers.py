@@ -4,7 +4,7 @@ ASE calculators; run in each peer's virtualenv (scripts/peers/README.md).
 - ``nequip`` / ``allegro``: ``nequip.model.NequIPGNNModel`` and
   ``allegro.model.AllegroModel`` (nequip 0.19, nequip-allegro 0.8) at the sizes of
   `benchmark.MODELS`, float32, untrained, through ``NequIPCalculator`` (default
-  neighbour-list backend, matscipy). Artefacts: ``eager`` (the GraphModel object)
+  neighbor-list backend, matscipy). Artefacts: ``eager`` (the GraphModel object)
   and ``aotinductor``: nequip's recommended fast path, what ``nequip-compile --mode
   aotinductor --target ase`` writes, loaded with
   ``NequIPCalculator.from_compiled_model`` (TorchScript compilation is refused
@@ -13,7 +13,7 @@ ASE calculators; run in each peer's virtualenv (scripts/peers/README.md).
   The eager models run only up to 256 atoms (`benchmark.PEER_EAGER_SYSTEMS`).
 - ``soap_bpnn``: metatrain's ``SoapBpnn`` with its default hypers, exported with
   ``model.export()`` (a TorchScript ``AtomisticModel``) and run by
-  ``metatomic_ase.MetatomicCalculator`` with its defaults (vesin neighbour lists with a
+  ``metatomic_ase.MetatomicCalculator`` with its defaults (vesin neighbor lists with a
   2 Å skin), ``sphericart.torch`` imported (its Python-registered autograd is needed
   for correct forces, scripts/peers/README.md).
 - ``mace``: a small MACE (reference point, a different model): ``ScaleShiftMACE``,

@@ -1,7 +1,7 @@
 """Allegro: nequip-allegro's hyperparameters and defaults, the last-layer features,
 the Bessel and spline two-body embeddings, channel coupling of the tensor products,
 equivariance of the tensor track, its size at initialisation, per-type scales and
-shifts, energy-only models, per-edge-type cutoffs, neighbour normalisation and the
+shifts, energy-only models, per-edge-type cutoffs, neighbor normalisation and the
 ZBL pair potential.
 
 The shared physics contract (finite differences, invariances of energy and forces,
@@ -398,7 +398,7 @@ def test_path_channel_coupling_adds_weights_per_channel():
 
 
 def copper_cell() -> ase.Atoms:
-    """A rattled 32-atom fcc Cu cell (a = 3.61 Å): 42-43 neighbours within 5 Å."""
+    """A rattled 32-atom fcc Cu cell (a = 3.61 Å): 42-43 neighbors within 5 Å."""
     atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 2, 2))
     atoms.rattle(0.05, seed=0)
     return atoms
@@ -584,7 +584,7 @@ def test_scales_multiply_the_raw_energies():
 
 
 def test_energy_only_model_and_force_modifier(tmp_path):
-    # the contract's bulk has 42 neighbours within 4 Å: normalise by about that, as a
+    # the contract's bulk has 42 neighbors within 4 Å: normalise by about that, as a
     # trained model does (unnormalised, the untrained forces reach 10⁴-10⁵ eV/Å)
     model = small_model(do_derivatives=False, avg_num_neighbors=40.0)
     outputs = run(model, bulk())

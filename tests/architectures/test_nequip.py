@@ -1,5 +1,5 @@
 """NequIP: nequip's hyperparameters and defaults, per-type scales and shifts,
-energy-only models and their force modifier, per-edge-type cutoffs, neighbour
+energy-only models and their force modifier, per-edge-type cutoffs, neighbor
 normalisation, equivariance of the internal features, and the ZBL pair potential.
 
 The shared physics contract (finite differences, invariances of energy and forces,
@@ -359,12 +359,12 @@ def test_avg_num_neighbors_float_and_per_type():
     same = small_model(avg_num_neighbors={"Cu": 12.0, "Ag": 12.0})
     per_type = small_model(avg_num_neighbors={"Ag": 14.0, "Cu": 10.0})
     np.testing.assert_allclose(
-        single.architecture.neighbour_normalization.numpy(),
+        single.architecture.neighbor_normalization.numpy(),
         [12.0**-0.5] * 2,
         rtol=1e-15,
     )
     np.testing.assert_allclose(
-        per_type.architecture.neighbour_normalization.numpy(),
+        per_type.architecture.neighbor_normalization.numpy(),
         [10.0**-0.5, 14.0**-0.5],
         rtol=1e-15,
     )

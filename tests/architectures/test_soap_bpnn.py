@@ -247,7 +247,7 @@ def test_power_spectrum_rotation_invariant(model):
 
 
 def test_power_spectrum_of_a_dimer(model):
-    """One Ag neighbour at r: p_l[(a,n),(a',n')] = [a=a'=Ag] f(r)² R_nl R_n'l (2l+1)/4π
+    """One Ag neighbor at r: p_l[(a,n),(a',n')] = [a=a'=Ag] f(r)² R_nl R_n'l (2l+1)/4π
     for the Cu atom, upper triangle of the (species, n) pairs, l by l."""
     architecture = model.architecture
     r = 4.7  # inside the switching width of the cutoff
@@ -416,7 +416,7 @@ TRANSFER = pytest.mark.parametrize(
 def test_long_range_forces_and_stress_finite_differences(use_ewald, transfer):
     """Forces and stress (one backward pass through the charges, the k-space sum and
     the strained cell) against central differences on a triclinic ionic cell; with
-    charge transfers (3 Å: Na-Cl neighbours at ~2.5 Å) the charges depend on the
+    charge transfers (3 Å: Na-Cl neighbors at ~2.5 Å) the charges depend on the
     positions through the switch too, and the exclusion switch is of degree 4."""
     model = long_range_model(
         use_ewald,
