@@ -6,6 +6,7 @@ error that lists the known ones, so a typo never silently falls back to a defaul
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -14,7 +15,7 @@ from ase.data import atomic_numbers
 
 from pes_calc.architectures import allegro, nequip, soap_bpnn
 from pes_calc.choices import DTYPES, as_dtype
-from pes_calc.config import merge_hypers
+from pes_calc.config import ConfigError, check_keys, merge_hypers
 from pes_calc.nn.precision import float64_construction
 from pes_calc.nn.zbl import ZBL
 from pes_calc.potential import Architecture, Potential
@@ -29,6 +30,8 @@ POTENTIAL_DEFAULTS: dict[str, Any] = {
     "model_dtype": "float32",
     "seed": None,
 }
+# the keys of a YAML architecture section (training: the trainer's settings)
+SECTION_KEYS = ("name", "species", "model", "training")
 
 
 def _registry() -> dict[str, tuple[dict, Callable[..., Architecture]]]:
@@ -38,6 +41,17 @@ def _registry() -> dict[str, tuple[dict, Callable[..., Architecture]]]:
         "nequip": (nequip.DEFAULT_HYPERS, nequip.NequIP),
         "allegro": (allegro.DEFAULT_HYPERS, allegro.Allegro),
     }
+
+
+def _check_architecture(name: str, registry: Mapping[str, Any]) -> None:
+    """Raise `ConfigError` for an unknown architecture name, suggesting the nearest."""
+    if name not in registry:
+        close = difflib.get_close_matches(str(name), list(registry), n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown architecture {name!r}{hint}; choose from "
+            f"{', '.join(sorted(registry))}"
+        )
 
 
 def _build(architecture_class: Callable[..., Architecture], species: list, hypers: dict) -> Potential:
@@ -77,15 +91,17 @@ def build_model(
     if isinstance(name, Mapping):
         section = dict(name)
         if "name" not in section:
-            raise ValueError("the architecture section needs a 'name'")
-        hypers = {**section.get("model", {}), **hypers}
+            raise ConfigError("the architecture section needs a 'name'")
+        # a YAML section: its training part is the trainer's, the rest is checked
+        check_keys(section, SECTION_KEYS, "architecture")
+        given = section.get("model") or {}
+        if not isinstance(given, Mapping):
+            raise ConfigError(f"architecture.model must be a mapping, got {given!r}")
+        hypers = {**given, **hypers}
         species = species if species is not None else section.get("species")
         name = section["name"]
     registry = _registry()
-    if name not in registry:
-        raise ValueError(
-            f"unknown architecture {name!r}; choose from {', '.join(sorted(registry))}"
-        )
+    _check_architecture(name, registry)
     if not species:
         raise ValueError("build_model needs the species (chemical symbols) to model")
     species = list(species)
@@ -118,10 +134,7 @@ def cutoff_of(name: str, hypers: Mapping[str, Any]) -> float:
     building it (the trainer needs it to make graphs before the statistics that
     other hyperparameters may reference)."""
     registry = _registry()
-    if name not in registry:
-        raise ValueError(
-            f"unknown architecture {name!r}; choose from {', '.join(sorted(registry))}"
-        )
+    _check_architecture(name, registry)
     merged = merge_hypers({**registry[name][0], **POTENTIAL_DEFAULTS}, hypers)
     radius = merged["soap"]["cutoff"]["radius"] if name == "soap_bpnn" else merged["r_max"]
     if not isinstance(radius, (int, float)):

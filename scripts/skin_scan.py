@@ -20,7 +20,7 @@ from ase import units
 from ase.md.verlet import VelocityVerlet
 
 from pes_calc import PESCalculator
-from pes_calc.md import _init_velocities as maxwell_boltzmann
+from pes_calc.md import maxwell_boltzmann_velocities
 
 
 def copper(num_atoms: int) -> ase.Atoms:
@@ -33,7 +33,7 @@ def copper(num_atoms: int) -> ase.Atoms:
 
 def run(model: str, atoms: ase.Atoms, skin: float, steps: int, temperature: float) -> dict:
     atoms = atoms.copy()
-    maxwell_boltzmann(atoms, temperature, np.random.default_rng(0))
+    maxwell_boltzmann_velocities(atoms, temperature, np.random.default_rng(0))
     calc = PESCalculator(model, skin=skin)
     atoms.calc = calc
     dynamics = VelocityVerlet(atoms, timestep=1.0 * units.fs)

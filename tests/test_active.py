@@ -105,8 +105,8 @@ class TrainCounter:
     """Wraps the trainer: counts runs per output directory, and can raise in one."""
 
     def __init__(self, patch, interrupt_in=None):
-        self.train, self.runs, self.interrupt_in = active.train, [], interrupt_in
-        patch.setattr(active, "train", self)
+        self.train, self.runs, self.interrupt_in = active.loop.train, [], interrupt_in
+        patch.setattr(active.loop, "train", self)  # the name the loop calls
 
     def __call__(self, config, outdir, **kwargs):
         self.runs.append(f"{outdir.parent.name}/{outdir.name}")

@@ -132,7 +132,7 @@ def test_npt_changes_the_volume(model, monkeypatch, tmp_path, fallback):
     if fallback:
         from ase.md.npt import NPT
 
-        monkeypatch.setattr(md, "_npt_class", lambda: NPT)
+        monkeypatch.setattr(md.dynamics, "_npt_class", lambda: NPT)
         pytest.importorskip("ase.md.nose_hoover_chain")  # else that path is the one
     volumes = {}
     for pressure in (0.0, 100.0):
