@@ -80,7 +80,7 @@ def compile_command(
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 def info_command(model: Path, as_json: bool) -> None:
     """Show what MODEL (.safetensors or compiled .pt) holds."""
-    from pes_calc.compile import read_artefact_metadata
+    from pes_calc.artefacts import read_artefact_metadata
     from pes_calc.io import ModelFileError, is_checked, read_metadata
 
     try:
@@ -289,7 +289,7 @@ def md_command(
                 f"{', '.join(uncertainty_used)} "
                 f"{'needs' if len(uncertainty_used) == 1 else 'need'} an LLPR model; "
                 f"{model} has no "
-                "uncertainties (wrap a trained model with pes_calc.llpr.wrap, or "
+                "uncertainties (wrap a trained model with pes_calc.train.llpr.wrap, or "
                 "train one with architecture name llpr)"
             )
         if uncertainty_used:
@@ -418,14 +418,14 @@ def eval_command(
     NLL (nats, errors in eV), mean z² = r²/σ² (1 if calibrated) and the Spearman
     rank correlation of σ with |r|.
     """
-    from pes_calc.compile import load_artefact
+    from pes_calc.artefacts import load_artefact
     from pes_calc.io import ModelFileError
     from pes_calc.neighbors import UnknownSpeciesError
     from pes_calc.train import (
         DatasetError,
         LabelKeys,
-        evaluate,
         load_graphs,
+        measure_errors,
         parity_plot,
     )
     from pes_calc.train.evaluation import CALIBRATED, calibration_plot
@@ -438,8 +438,8 @@ def eval_command(
             LabelKeys(energy_key, forces_key, stress_key),
         )
         dtype = DTYPES[metadata["dtype"]]
-        evaluation = evaluate(module, graphs, batch_size=batch_size, device=device,
-                              dtype=dtype)
+        evaluation = measure_errors(module, graphs, batch_size=batch_size,
+                                    device=device, dtype=dtype)
     except (ModelFileError, DatasetError, UnknownSpeciesError,
             NotImplementedError) as error:
         raise click.ClickException(str(error)) from error

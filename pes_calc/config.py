@@ -14,6 +14,8 @@ import os
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import yaml
+
 __all__ = ["ConfigError", "check_keys", "load_yaml", "merge_hypers", "with_defaults"]
 
 
@@ -24,8 +26,6 @@ class ConfigError(ValueError):
 def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The YAML mapping at ``path``. Relative paths inside it are read from the
     current directory (as metatrain and nequip do), not from the file's folder."""
-    import yaml
-
     try:
         with open(path) as handle:
             config = yaml.safe_load(handle)

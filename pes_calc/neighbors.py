@@ -12,6 +12,7 @@ from typing import Literal, Sequence
 import ase
 import numpy as np
 import torch
+import vesin
 from ase.data import atomic_numbers
 
 from pes_calc.choices import as_device, as_dtype
@@ -64,8 +65,6 @@ def neighbor_list(
     Returns the (2, E) int64 edge index (centre, neighbor) and the (E, 3) int64
     cell shifts such that r_ij = R_j - R_i + S_ij @ cell.
     """
-    import vesin
-
     calculator = vesin.NeighborList(cutoff=float(cutoff), full_list=True)
     i, j, shifts = calculator.compute(
         points=positions, box=cell, periodic=[bool(p) for p in pbc], quantities="ijS"

@@ -30,8 +30,8 @@ from benchmark_architectures import MODELS, copper, time_calls
 
 from pes_calc import PESCalculator, build_model
 from pes_calc.compile import compile_model
-from pes_calc.llpr import wrap
 from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
+from pes_calc.train.llpr import wrap
 
 
 def labelled_cells(count: int, seed: int) -> list:

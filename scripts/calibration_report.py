@@ -23,7 +23,7 @@ import torch
 
 from pes_calc.io import load_model
 from pes_calc.train.data import LabelKeys, load_graphs
-from pes_calc.train.evaluation import calibration_plot, evaluate
+from pes_calc.train.evaluation import calibration_plot, measure_errors
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -38,7 +38,7 @@ def rows_for(path: Path) -> list[str]:
     for set_name, data in SETS.items():
         graphs = load_graphs(data, model.species, model.cutoff, LabelKeys(), dtype)
         start = time.perf_counter()
-        evaluation = evaluate(model, graphs, batch_size=8)
+        evaluation = measure_errors(model, graphs, batch_size=8)
         seconds = time.perf_counter() - start
         m = evaluation.metrics()
         if set_name == "hot":

@@ -33,9 +33,10 @@ from pes_calc.artefacts import (
 )
 from pes_calc.compile import compile_model
 from pes_calc.io import ModelFileError
-from pes_calc.llpr import LLPR, wrap
+from pes_calc.llpr import LLPR
 from pes_calc.neighbors import atoms_to_graph
 from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
+from pes_calc.train.llpr import wrap
 
 # a fallback to eager warns: a test that meant the compiled code must not pass on it
 pytestmark = pytest.mark.filterwarnings("error:.*eager model instead:UserWarning")

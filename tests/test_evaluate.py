@@ -14,9 +14,9 @@ from ase.calculators.singlepoint import SinglePointCalculator
 
 from pes_calc import PESCalculator, build_model, evaluate, save_model
 from pes_calc.compile import compile_model
-from pes_calc.llpr import wrap
 from pes_calc.neighbors import UnknownSpeciesError, atoms_to_graph
 from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
+from pes_calc.train.llpr import wrap
 
 SPECIES = ["Cu", "Ag"]
 SOAP = {"max_angular": 2, "max_radial": 2}

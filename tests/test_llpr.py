@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import ase
 import ase.build
@@ -19,11 +20,17 @@ from ase.calculators.emt import EMT
 from ase.calculators.singlepoint import SinglePointCalculator
 from torch import Tensor
 
+import pes_calc.llpr
+import pes_calc.train.llpr
 from pes_calc import build_model, keys, load_model, save_model
-from pes_calc.compile import compile_model, load_artefact
+from pes_calc.artefacts import load_artefact
+from pes_calc.compile import compile_model
 from pes_calc.graph import AtomicGraph, batch_graphs, sum_per_structure
-from pes_calc.llpr import (
-    LLPR,
+from pes_calc.llpr import LLPR
+from pes_calc.neighbors import atoms_to_graph
+from pes_calc.testing import numerical_forces, random_rotation
+from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
+from pes_calc.train.llpr import (
     SMALLEST_REGULARIZER,
     calibrate,
     calibration_factor,
@@ -34,9 +41,6 @@ from pes_calc.llpr import (
     sample_ensemble,
     wrap,
 )
-from pes_calc.neighbors import atoms_to_graph
-from pes_calc.testing import numerical_forces, random_rotation
-from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
 
 SPECIES = ["Cu", "Ag"]
 SCALES = [1.3, 0.7]  # per-type σ_t ≠ 1, so g_i = σ_t f_i is tested
@@ -465,6 +469,23 @@ def test_wrap_records_its_settings():
         "multiplier": float(llpr.state.multiplier),
     }
     assert float(llpr.state.multiplier) > 0
+
+
+def test_fitting_names_still_import_from_the_old_path_with_a_warning():
+    moved = "pes_calc.llpr.wrap moved to pes_calc.train.llpr.wrap"
+    with pytest.warns(DeprecationWarning, match=moved):
+        from pes_calc.llpr import wrap as old_wrap
+    assert old_wrap is wrap
+    for name in ("calibrate", "CALIBRATION_METHODS", "LinearisedEnsemble"):
+        with pytest.warns(DeprecationWarning, match=f"pes_calc.train.llpr.{name}"):
+            old = getattr(pes_calc.llpr, name)
+        assert old is getattr(pes_calc.train.llpr, name)
+    # the runtime names stay, without a warning; unknown names are still errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert pes_calc.llpr.LLPR is LLPR
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = pes_calc.llpr.no_such_name
 
 
 # ---------------------------------------------------------------- invariances

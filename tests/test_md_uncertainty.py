@@ -15,9 +15,9 @@ from helpers import emt_structures
 
 from pes_calc import PESCalculator, build_model, save_model
 from pes_calc.cli import main
-from pes_calc.llpr import wrap
 from pes_calc.md import StopMD, UncertaintyWatch, run_md
 from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
+from pes_calc.train.llpr import wrap
 
 HYPERS = {
     "soap": {

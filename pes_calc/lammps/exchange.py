@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from pes_calc.lammps._library import import_mpi
 from pes_calc.lammps.domain import Box, guess_owners, local_index_lookup
 
 
@@ -148,6 +149,4 @@ def _displacements(counts: np.ndarray) -> np.ndarray:
 
 
 def _mpi() -> Any:
-    from pes_calc.lammps._library import import_mpi
-
     return import_mpi()

@@ -248,7 +248,7 @@ class UncertaintyWatch:
             got = f"{type(calc).__name__}, which has no uncertainties"
         return (
             f"UncertaintyWatch (measure {self.measure!r}) needs {what}: a "
-            "PESCalculator of a model wrapped with pes_calc.llpr.wrap or trained "
+            "PESCalculator of a model wrapped with pes_calc.train.llpr.wrap or trained "
             f"with architecture name llpr; got {got}"
         )
 

@@ -23,6 +23,7 @@ import math
 from typing import List, Sequence, Tuple
 
 import torch
+from e3nn.math import moment
 from torch import Tensor, nn
 
 ACTIVATIONS = {"silu": nn.SiLU, "mish": nn.Mish, "gelu": nn.GELU, "tanh": nn.Tanh}
@@ -46,8 +47,6 @@ def second_moment_scale(name: str) -> float:
     The constant of e3nn's ``normalize2mom`` (the same 10⁶ seeded samples), computed
     once per activation instead of once per layer (~60 ms each).
     """
-    from e3nn.math import moment
-
     with torch.no_grad():
         second = moment(activation(name), 2, torch.float64, torch.device("cpu"))
     return float(second) ** -0.5

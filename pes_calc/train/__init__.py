@@ -4,6 +4,12 @@
 >>> result = train(load_config("config.yaml"), "out/")   # doctest: +SKIP
 """
 
+from pes_calc.train.config import (
+    TRAINING_DEFAULTS,
+    TrainingConfigError,
+    load_config,
+    normalise_config,
+)
 from pes_calc.train.data import (
     DatasetError,
     LabelKeys,
@@ -15,7 +21,8 @@ from pes_calc.train.data import (
     read_structures,
     species_in,
 )
-from pes_calc.train.evaluation import Evaluation, evaluate, parity_plot
+from pes_calc.train.evaluation import Evaluation, evaluate, measure_errors, parity_plot
+from pes_calc.train.loop import TrainResult, train
 from pes_calc.train.losses import (
     MAE,
     MSE,
@@ -32,20 +39,14 @@ from pes_calc.train.stats import (
     resolve_stats,
     training_data_stats,
 )
-from pes_calc.train.trainer import (
-    TRAINING_DEFAULTS,
-    TrainingConfigError,
-    TrainResult,
-    load_config,
-    train,
-)
 
 __all__ = [
     "DatasetError", "LabelKeys", "batch_order", "extract_labels", "iterate_batches",
     "labelled_graphs", "load_graphs", "read_structures", "species_in",
-    "Evaluation", "evaluate", "parity_plot",
+    "Evaluation", "evaluate", "measure_errors", "parity_plot",
     "MAE", "MSE", "RMSE", "Loss", "PerAtomEnergyLoss", "PropertyLoss", "TotalLoss",
     "loss_from_config",
     "STAT_NAMES", "composition_energies", "resolve_stats", "training_data_stats",
     "TRAINING_DEFAULTS", "TrainingConfigError", "TrainResult", "load_config", "train",
+    "normalise_config",
 ]

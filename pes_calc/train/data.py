@@ -7,10 +7,9 @@ structure lacks is NaN, so one batch can mix clusters (no stress) and bulk cells
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import ase
@@ -20,8 +19,15 @@ import torch
 from ase.data import atomic_numbers
 
 from pes_calc import keys
-from pes_calc.graph import AtomicGraph, batch_order, graph_to, iterate_batches
+from pes_calc.graph import AtomicGraph, batch_order, iterate_batches
 from pes_calc.neighbors import atoms_to_graph
+
+# batch_order and iterate_batches live in pes_calc.graph, importable from here too
+__all__ = [
+    "DEFAULT_KEYS", "DatasetError", "LabelKeys", "batch_order", "extract_labels",
+    "iterate_batches", "labelled_graphs", "load_graphs", "read_structures",
+    "species_in",
+]
 
 DEFAULT_KEYS = {"energy_key": "energy", "forces_key": "forces", "stress_key": "stress"}
 
@@ -82,7 +88,9 @@ def _as_stress_matrix(value, where: str) -> np.ndarray:
         return np.array([[xx, xy, xz], [xy, yy, yz], [xz, yz, zz]])
     if value.size == 9:
         return value.reshape(3, 3)
-    raise DatasetError(f"{where}: stress must have 6 (Voigt) or 9 values, got {value.size}")
+    raise DatasetError(
+        f"{where}: stress must have 6 (Voigt) or 9 values, got {value.size}"
+    )
 
 
 def extract_labels(
@@ -114,7 +122,10 @@ def extract_labels(
                     f"{name}: no structure has the {label} key {key!r}; keys in the "
                     f"first structure: {', '.join(available)} (set {label}_key)"
                 )
-            warnings.warn(f"{name}: no {label} labels (key {key!r}); training without them")
+            warnings.warn(
+                f"{name}: no {label} labels (key {key!r}); training without them",
+                stacklevel=1,  # the default: the message names the file
+            )
             continue
         found[label] = values
 
@@ -151,7 +162,9 @@ def extract_labels(
 
 def species_in(structures: Sequence[ase.Atoms]) -> list[str]:
     """The chemical symbols present, ordered by atomic number."""
-    symbols = {symbol for atoms in structures for symbol in atoms.get_chemical_symbols()}
+    symbols = {
+        symbol for atoms in structures for symbol in atoms.get_chemical_symbols()
+    }
     return sorted(symbols, key=lambda symbol: atomic_numbers[symbol])
 
 

@@ -25,8 +25,10 @@ same errors were measured in meV.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -34,10 +36,14 @@ from torch import nn
 
 from pes_calc import keys
 from pes_calc.choices import as_dtype
-from pes_calc.graph import AtomicGraph, atoms_per_structure
-from pes_calc.train.data import batch_order, iterate_batches
+from pes_calc.graph import (
+    AtomicGraph,
+    atoms_per_structure,
+    batch_order,
+    iterate_batches,
+)
 
-# what is compared, in which units, by `evaluate`
+# what is compared, in which units, by `measure_errors`
 QUANTITIES = {
     "energy_per_atom": "eV/atom",
     "forces": "eV/Å",
@@ -185,7 +191,7 @@ def calibration_bins(
     return rms_sigma, rms_error, np.array([g.size for g in groups])
 
 
-def evaluate(
+def measure_errors(
     model: nn.Module,
     graphs: Sequence[AtomicGraph],
     *,
@@ -241,6 +247,19 @@ def evaluate(
                 predictions[keys.FORCES_UNCERTAINTY],
             )
     return evaluation
+
+
+def evaluate(
+    model: nn.Module, graphs: Sequence[AtomicGraph], **options: Any
+) -> Evaluation:
+    """Deprecated name of `measure_errors` (``pes_calc.evaluate`` is the batched
+    prediction of structures, without labels)."""
+    warnings.warn(
+        "pes_calc.train.evaluate is renamed pes_calc.train.measure_errors",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return measure_errors(model, graphs, **options)
 
 
 def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> None:

@@ -66,7 +66,9 @@ def metric_from(metric: str | Metric) -> Metric:
     try:
         return METRICS[str(metric).upper()]()
     except KeyError:
-        raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}") from None
+        raise ValueError(
+            f"unknown metric {metric!r}; choose from {', '.join(METRICS)}"
+        ) from None
 
 
 class Loss(nn.Module):
@@ -101,7 +103,9 @@ class Loss(nn.Module):
 class PropertyLoss(Loss):
     """``metric(predictions[property], graph.properties[property])``."""
 
-    def __init__(self, property: str, metric: str | Metric = "RMSE", weight: float = 1.0):
+    def __init__(
+        self, property: str, metric: str | Metric = "RMSE", weight: float = 1.0
+    ):
         super().__init__(weight)
         self.property = property
         self.metric = metric_from(metric)
@@ -210,10 +214,14 @@ class EnsembleNLLLoss(Loss):
             return mean.sum() * 0.0
         variance = variance[known] + self.VARIANCE_FLOOR
         errors = mean[known] - target[known].to(mean.dtype)
-        return 0.5 * torch.mean(torch.log(2 * torch.pi * variance) + errors.square() / variance)
+        return 0.5 * torch.mean(
+            torch.log(2 * torch.pi * variance) + errors.square() / variance
+        )
 
 
-def ensemble_loss_from_config(spec: str | Mapping | None, available: Sequence[str]) -> TotalLoss:
+def ensemble_loss_from_config(
+    spec: str | Mapping | None, available: Sequence[str]
+) -> TotalLoss:
     """The LLPR ensemble objective: ``"ensemble_nll"`` (energy per atom and, when
     labelled, forces, weight 1 each) or ``{type: ensemble_nll, energy: w, forces: w}``.
     Forces count by default: an energy-only objective leaves force spreads untuned."""
@@ -223,13 +231,17 @@ def ensemble_loss_from_config(spec: str | Mapping | None, available: Sequence[st
         raise ValueError(f"unknown LLPR loss {kind!r}; use ensemble_nll")
     unknown = set(spec) - {"energy", "forces"}
     if unknown:
-        raise ValueError(f"ensemble_nll: unknown keys {sorted(unknown)}; known: type, energy, forces")
+        raise ValueError(
+            f"ensemble_nll: unknown keys {sorted(unknown)}; known: type, energy, forces"
+        )
     if not spec:
         spec = {name: 1.0 for name in ("energy", "forces") if name in available}
     losses = []
     for term, weight in spec.items():
         if term not in available:
-            raise ValueError(f"loss.{term} needs {term} labels, which the training data lacks")
+            raise ValueError(
+                f"loss.{term} needs {term} labels, which the training data lacks"
+            )
         if float(weight) != 0.0:
             losses.append(EnsembleNLLLoss(term, float(weight)))
     return TotalLoss(losses)
@@ -255,17 +267,23 @@ def loss_from_config(spec: Mapping | None, available: Sequence[str]) -> TotalLos
     spec = dict(spec or {})
     default_metric = spec.pop("metric", "MSE")
     if not spec:
-        spec = {name: 1.0 for name in ("energy", "forces", "stress") if name in available}
+        spec = {
+            name: 1.0 for name in ("energy", "forces", "stress") if name in available
+        }
     losses = []
     for term, setting in spec.items():
         if term not in _TERMS:
             raise ValueError(
                 f"unknown loss term {term!r}; known: metric, {', '.join(_TERMS)}"
             )
-        setting = {"weight": setting} if isinstance(setting, (int, float)) else dict(setting)
+        if isinstance(setting, (int, float)):
+            setting = {"weight": setting}
+        setting = dict(setting)
         unknown = set(setting) - {"weight", "metric"}
         if unknown:
-            raise ValueError(f"loss.{term}: unknown keys {sorted(unknown)}; known: weight, metric")
+            raise ValueError(
+                f"loss.{term}: unknown keys {sorted(unknown)}; known: weight, metric"
+            )
         label = keys.ENERGY if term in ("energy", "total_energy") else term
         if label not in available:
             raise ValueError(
@@ -273,7 +291,6 @@ def loss_from_config(spec: Mapping | None, available: Sequence[str]) -> TotalLos
             )
         if float(setting.get("weight", 1.0)) == 0.0:
             continue
-        losses.append(
-            _TERMS[term](setting.get("metric", default_metric), setting.get("weight", 1.0))
-        )
+        metric = setting.get("metric", default_metric)
+        losses.append(_TERMS[term](metric, setting.get("weight", 1.0)))
     return TotalLoss(losses)

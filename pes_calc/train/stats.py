@@ -33,20 +33,23 @@ _REFERENCE = re.compile(r"^\$\{training_data_stats:([A-Za-z_]+)\}$")
 
 def _finite(values: list[torch.Tensor]) -> torch.Tensor:
     """All finite entries of several tensors, flattened, in float64."""
-    flat = torch.cat([v.detach().double().reshape(-1) for v in values]) if values else torch.zeros(0)
+    if not values:
+        return torch.zeros(0)
+    flat = torch.cat([v.detach().double().reshape(-1) for v in values])
     return flat[torch.isfinite(flat)]
 
 
-def training_data_stats(graphs: Sequence[AtomicGraph], species: Sequence[str]) -> dict[str, Any]:
+def training_data_stats(
+    graphs: Sequence[AtomicGraph], species: Sequence[str]
+) -> dict[str, Any]:
     """The named statistics of a training set (eV, eV/Å; means over structures for
     energies, over force components for forces). A statistic whose labels are
     absent (no forces, say) is left out rather than set to a made-up value."""
     if not graphs:
         raise ValueError("training_data_stats needs at least one graph")
     num_atoms = sum(number_of_atoms(g) for g in graphs)
-    stats: dict[str, Any] = {
-        "num_neighbors_mean": sum(number_of_edges(g) for g in graphs) / max(num_atoms, 1)
-    }
+    num_edges = sum(number_of_edges(g) for g in graphs)
+    stats: dict[str, Any] = {"num_neighbors_mean": num_edges / max(num_atoms, 1)}
     if all(keys.ENERGY in g.properties for g in graphs):
         energies = torch.cat([g.properties[keys.ENERGY].double() for g in graphs])
         counts = torch.cat([atoms_per_structure(g).double() for g in graphs])
@@ -67,7 +70,9 @@ def training_data_stats(graphs: Sequence[AtomicGraph], species: Sequence[str]) -
                 )
                 # a species with no labelled forces falls back on the overall value
                 per_type.append(
-                    typed.square().mean().sqrt().item() if typed.numel() else stats["forces_rms"]
+                    typed.square().mean().sqrt().item()
+                    if typed.numel()
+                    else stats["forces_rms"]
                 )
             stats["per_type_forces_rms"] = per_type
     return stats
@@ -91,7 +96,8 @@ def composition_energies(
             if not torch.isfinite(energies[structure]):
                 continue
             mask = graph.structure_index == structure
-            rows.append(torch.bincount(graph.species[mask], minlength=num_species).double())
+            type_counts = torch.bincount(graph.species[mask], minlength=num_species)
+            rows.append(type_counts.double())
             targets.append(energies[structure])
     if not rows:
         raise ValueError("the composition fit needs structures with energies")

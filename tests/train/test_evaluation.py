@@ -10,7 +10,7 @@ from pes_calc.train.evaluation import (
     average_ranks,
     calibration_bins,
     calibration_metrics,
-    evaluate,
+    measure_errors,
     spearman,
 )
 from pes_calc.train.losses import PerAtomEnergyLoss, PropertyLoss, TotalLoss
@@ -43,7 +43,7 @@ def graphs():
 @pytest.mark.parametrize("batch_size", [1, 2, 16])
 def test_errors_over_the_whole_set_whatever_the_batches(graphs, batch_size):
     structures, graph_list = graphs
-    metrics = evaluate(Constant(), graph_list, batch_size=batch_size).metrics()
+    metrics = measure_errors(Constant(), graph_list, batch_size=batch_size).metrics()
     energy_errors = [2.0 - a.get_potential_energy() / len(a) for a in structures]
     force_errors = np.concatenate(
         [(np.array([1.0, 0, 0]) - a.get_forces()).ravel() for a in structures])
@@ -71,13 +71,13 @@ def test_loss_is_averaged_over_batches(graphs):
 
     whole = batch_graphs(graph_list)
     expected = loss_fn(None, whole, Constant()(whole))[0].item()
-    evaluation = evaluate(Constant(), graph_list, batch_size=16, loss_fn=loss_fn)
+    evaluation = measure_errors(Constant(), graph_list, batch_size=16, loss_fn=loss_fn)
     assert evaluation.mean_loss == pytest.approx(expected)
 
 
 def test_non_uncertainty_models_report_exactly_the_error_keys(graphs):
     _, graph_list = graphs
-    metrics = evaluate(Constant(), graph_list).metrics()
+    metrics = measure_errors(Constant(), graph_list).metrics()
     assert set(metrics) == {
         f"{q}_{kind}" for q in ("energy_per_atom", "forces", "stress")
         for kind in ("rmse", "mae")
@@ -184,7 +184,7 @@ def test_uncertainties_are_scored_against_labelled_residuals(graphs):
     unlabelled["energy"] = torch.full_like(unlabelled["energy"], math.nan)
     graph_list = [graph_list[0], graph_list[1]._replace(properties=unlabelled),
                   *graph_list[2:]]
-    metrics = evaluate(WithUncertainty(), graph_list, batch_size=1).metrics()
+    metrics = measure_errors(WithUncertainty(), graph_list, batch_size=1).metrics()
 
     kept = [a for i, a in enumerate(structures) if i != 1]
     energy_residuals = np.array([2.0 * len(a) - a.get_potential_energy() for a in kept])
@@ -211,5 +211,5 @@ def test_uncertainties_are_scored_against_labelled_residuals(graphs):
     assert metrics["forces_spearman"] == pytest.approx(
         spearman(force_sigmas, np.abs(force_residuals)), rel=1e-12)
     # the error keys are still there, and unchanged by the uncertainties
-    plain = evaluate(Constant(), graph_list, batch_size=1).metrics()
+    plain = measure_errors(Constant(), graph_list, batch_size=1).metrics()
     assert {k: metrics[k] for k in plain} == plain

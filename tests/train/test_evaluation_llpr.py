@@ -1,4 +1,4 @@
-"""Calibration of LLPR uncertainties in `evaluate` and ``pes-calc eval``."""
+"""Calibration of LLPR uncertainties in `measure_errors` and ``pes-calc eval``."""
 
 import json
 import math
@@ -12,9 +12,9 @@ from helpers import emt_structures
 
 from pes_calc import PESCalculator, build_model, save_model
 from pes_calc.cli import main
-from pes_calc.llpr import wrap
 from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
-from pes_calc.train.evaluation import evaluate
+from pes_calc.train.evaluation import measure_errors
+from pes_calc.train.llpr import wrap
 
 HYPERS = {
     "soap": {
@@ -132,9 +132,9 @@ def test_without_ensemble_forces_only_the_energy_is_scored(files):
 
     llpr = load_model(files / "llpr.safetensors")
     test = graphs(ase.io.read(files / "test.xyz", ":"), llpr)
-    with_forces = evaluate(llpr, test, dtype=torch.float64).metrics()
+    with_forces = measure_errors(llpr, test, dtype=torch.float64).metrics()
     llpr.ensemble_forces = False
-    metrics = evaluate(llpr, test, dtype=torch.float64).metrics()
+    metrics = measure_errors(llpr, test, dtype=torch.float64).metrics()
     assert {k for k in CALIBRATION_KEYS if k in metrics} == {
         k for k in CALIBRATION_KEYS if k.startswith("energy_")}
     for key in metrics:

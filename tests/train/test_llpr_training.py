@@ -11,15 +11,16 @@ from helpers import emt_structures
 from pes_calc import build_model, keys, save_model
 from pes_calc.calculator import PESCalculator
 from pes_calc.io import load_model, read_metadata
-from pes_calc.llpr import (
+from pes_calc.train import TrainingConfigError, train
+from pes_calc.train.data import LabelKeys, load_graphs
+from pes_calc.train.llpr import (
     LinearisedEnsemble,
     calibration_factor,
     fit_covariance,
     linearise,
     raw_energy_errors,
+    wrap,
 )
-from pes_calc.train import TrainingConfigError, train
-from pes_calc.train.data import LabelKeys, load_graphs
 from pes_calc.train.losses import EnsembleNLLLoss, ensemble_loss_from_config
 
 TINY_SOAP = {
@@ -125,8 +126,6 @@ def test_ensemble_nll_training_moves_only_the_ensemble_and_lowers_the_loss(data,
 
 def test_linearised_ensemble_equals_the_model(data):
     model = load_model(data / "base.safetensors")
-    from pes_calc.llpr import wrap
-
     val = graphs(data, "val", model)
     llpr = wrap(model, 5, graphs(data, "train", model), val, seed=2)
     cached = linearise(llpr, val, compute_stress=True)

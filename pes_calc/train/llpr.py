@@ -1,0 +1,349 @@
+"""Fitting an `LLPR` wrapper: covariance, factorisation, calibration, ensemble,
+and the linearised ensemble that ensemble training runs on a frozen model.
+
+Each fit runs once after training, one pass over its data set (no derivatives
+except in `linearise`); `wrap` runs them in order. The runtime model (`LLPR`,
+its formulas and its outputs) is `pes_calc.llpr`. Units: eV, eV/Å.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from pes_calc import keys
+from pes_calc.graph import (
+    AtomicGraph,
+    atoms_per_structure,
+    batch_order,
+    graph_to,
+    iterate_batches,
+    sum_per_structure,
+)
+from pes_calc.llpr import LLPR, column_gradients
+from pes_calc.potential import Potential
+
+__all__ = [
+    "CALIBRATION_METHODS", "FACTOR_TOLERANCE", "SMALLEST_REGULARIZER",
+    "LinearisedEnsemble", "calibrate", "calibration_factor", "factorise",
+    "fit_covariance", "gaussian_crps", "linearise", "raw_energy_errors",
+    "sample_ensemble", "wrap",
+]
+
+CALIBRATION_METHODS = ("absolute_residuals", "squared_residuals", "crps")
+# ς for regularizer: null starts here and grows ×10 until the factor is accurate
+SMALLEST_REGULARIZER = 1e-20
+# max |L⁻¹ (C + ς²I) L⁻ᵀ - I| accepted: with ς² below the rounding level of C,
+# Cholesky can succeed on rounding noise and leave a finite but wrong L⁻¹
+FACTOR_TOLERANCE = 1e-6
+
+
+def _batches(
+    graphs: Sequence[AtomicGraph],
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> Iterator[AtomicGraph]:
+    """``graphs`` in batches, in their order, on ``device`` in ``dtype``."""
+    order = batch_order(len(graphs), batch_size, shuffle=False)
+    return iterate_batches(list(graphs), order, device, dtype)
+
+
+def _model_dtype(llpr: LLPR) -> torch.dtype:
+    """The floating dtype of the wrapped potential's parameters."""
+    return next(p for p in llpr.potential.parameters() if p.is_floating_point()).dtype
+
+
+def _energy_and_structure_features(
+    llpr: LLPR, batch: AtomicGraph
+) -> tuple[Tensor, Tensor]:
+    """(S,) energies and (S, F) float64 g_s, without derivatives."""
+    outputs, _, _ = llpr.potential.predict_energies(batch, False, False)
+    features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], batch.species)
+    return outputs[keys.ENERGY], sum_per_structure(features.to(torch.float64), batch)
+
+
+def fit_covariance(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """C = Σ_s (g_s / n_s)(g_s / n_s)ᵀ over ``graphs``: one forward pass each, no
+    derivatives. Stored in ``llpr.state.covariance`` and returned."""
+    device = torch.device(device)
+    dtype = _model_dtype(llpr)
+    covariance = torch.zeros_like(llpr.state.covariance)
+    with torch.no_grad():
+        for batch in _batches(graphs, batch_size, device, dtype):
+            _, per_structure = _energy_and_structure_features(llpr, batch)
+            per_structure = per_structure / atoms_per_structure(batch).unsqueeze(-1)
+            covariance += per_structure.T @ per_structure
+    llpr.state.covariance.copy_(covariance)
+    return covariance
+
+
+def factorise(llpr: LLPR, regularizer: float | None = None) -> float:
+    """Factorise C + ς² I = L Lᵀ in float64 and store L⁻¹.
+
+    ``regularizer`` None picks the smallest ς = 1e-20 · 10^k for which Cholesky
+    succeeds and L⁻¹ reproduces C + ς²I (to `FACTOR_TOLERANCE`). Returns the ς used.
+    """
+    covariance = llpr.state.covariance.to(torch.float64)
+    covariance = 0.5 * (covariance + covariance.T)
+    identity = torch.eye(
+        covariance.shape[0], dtype=torch.float64, device=covariance.device
+    )
+    candidates = [float(regularizer)] if regularizer is not None else [
+        SMALLEST_REGULARIZER * 10.0**k for k in range(40)
+    ]
+    for value in candidates:
+        regularized = covariance + value**2 * identity
+        factor, info = torch.linalg.cholesky_ex(regularized)
+        if int(info) != 0:
+            continue
+        inverse = torch.linalg.solve_triangular(factor, identity, upper=False)
+        residual = (inverse @ regularized @ inverse.T - identity).abs().max()
+        if bool(residual <= FACTOR_TOLERANCE):  # False for inf/NaN too
+            llpr.state.inverse_cholesky.copy_(inverse)
+            llpr.state.regularizer.fill_(value)
+            return value
+    if regularizer is not None:
+        raise ValueError(
+            f"C + ς²I is not positive definite (or too ill-conditioned to factorise "
+            f"to {FACTOR_TOLERANCE:g}) with regularizer ς = {regularizer}; "
+            "use a larger value or null to choose one"
+        )
+    raise ValueError("the LLPR covariance could not be factorised for any regularizer")
+
+
+def raw_energy_errors(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """(residuals E_pred - E_ref, uncalibrated σ_E) over structures with an energy
+    label, in float64 eV."""
+    device = torch.device(device)
+    dtype = _model_dtype(llpr)
+    residuals, sigmas = [], []
+    with torch.no_grad():
+        for batch in _batches(graphs, batch_size, device, dtype):
+            if keys.ENERGY not in batch.properties:
+                continue
+            energy, per_structure = _energy_and_structure_features(llpr, batch)
+            sigma = torch.linalg.vector_norm(
+                per_structure @ llpr.state.inverse_cholesky.T, dim=-1
+            )
+            residual = energy.double() - batch.properties[keys.ENERGY].double()
+            labelled = torch.isfinite(residual)
+            residuals.append(residual[labelled].cpu())
+            sigmas.append(sigma[labelled].cpu())
+    if not residuals or sum(r.numel() for r in residuals) == 0:
+        raise ValueError("LLPR calibration needs structures with energy labels")
+    return torch.cat(residuals), torch.cat(sigmas)
+
+
+def calibration_factor(residuals: Tensor, sigmas: Tensor, method: str) -> float:
+    """α that scales uncalibrated σ to match ``residuals`` (Gaussian errors).
+
+    - ``absolute_residuals``: α = √(π/2) · mean(|r| / σ) (robust to outliers);
+    - ``squared_residuals``: α = √(mean(r² / σ²)), the NLL minimum;
+    - ``crps``: the α minimising the mean Gaussian CRPS (convex in α).
+    """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(
+            f"unknown calibration_method {method!r}; choose from {CALIBRATION_METHODS}"
+        )
+    residuals = residuals.double()
+    sigmas = sigmas.double().clamp_min(1e-300)
+    if method == "absolute_residuals":
+        return math.sqrt(math.pi / 2) * float(torch.mean(residuals.abs() / sigmas))
+    if method == "squared_residuals":
+        return math.sqrt(float(torch.mean((residuals / sigmas) ** 2)))
+    return _crps_minimum(residuals, sigmas)
+
+
+def gaussian_crps(residuals: Tensor, sigmas: Tensor) -> Tensor:
+    """Mean CRPS of N(0, σ²) predictions for errors r (eV)."""
+    u = residuals / sigmas
+    pdf = torch.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(u / math.sqrt(2)))
+    return torch.mean(sigmas * (u * (2 * cdf - 1) + 2 * pdf - 1 / math.sqrt(math.pi)))
+
+
+def _crps_minimum(residuals: Tensor, sigmas: Tensor) -> float:
+    """Golden-section search on log α (CRPS is convex in α, so unimodal)."""
+    start = math.log(
+        max(calibration_factor(residuals, sigmas, "absolute_residuals"), 1e-300)
+    )
+    low, high = start - 12.0, start + 12.0
+    ratio = (math.sqrt(5) - 1) / 2
+
+    def score(log_alpha: float) -> float:
+        return float(gaussian_crps(residuals, math.exp(log_alpha) * sigmas))
+
+    a, b = high - ratio * (high - low), low + ratio * (high - low)
+    score_a, score_b = score(a), score(b)
+    for _ in range(120):
+        if score_a < score_b:
+            high, b, score_b = b, a, score_a
+            a = high - ratio * (high - low)
+            score_a = score(a)
+        else:
+            low, a, score_a = a, b, score_b
+            b = low + ratio * (high - low)
+            score_b = score(b)
+    return math.exp(0.5 * (low + high))
+
+
+def calibrate(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    method: str = "absolute_residuals",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Fit α on ``graphs`` (the validation set) and store it; returns α."""
+    residuals, sigmas = raw_energy_errors(llpr, graphs, batch_size, device)
+    alpha = calibration_factor(residuals, sigmas, method)
+    llpr.state.multiplier.fill_(alpha)
+    return alpha
+
+
+def sample_ensemble(llpr: LLPR, seed: int = 0) -> None:
+    """Draw Δw_k = α L⁻ᵀ z_k for every member (float64, from ``seed``)."""
+    state = llpr.state
+    generator = torch.Generator().manual_seed(int(seed))
+    z = torch.randn(
+        (llpr.num_features, llpr.num_ensemble_members),
+        generator=generator,
+        dtype=torch.float64,
+    ).to(state.inverse_cholesky.device)
+    displacements = state.multiplier * (state.inverse_cholesky.T @ z)
+    with torch.no_grad():
+        state.ensemble_displacements.copy_(displacements)
+
+
+def wrap(
+    potential: Potential,
+    num_ensemble_members: int,
+    train_graphs: Sequence[AtomicGraph],
+    val_graphs: Sequence[AtomicGraph],
+    *,
+    regularizer: float | None = None,
+    calibration_method: str = "absolute_residuals",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> LLPR:
+    """Covariance on ``train_graphs``, factorisation, α on ``val_graphs`` and an
+    ensemble: a ready `LLPR` around ``potential`` (which it shares, not copies)."""
+    llpr = LLPR(potential, num_ensemble_members).to(device).eval()
+    fit_covariance(llpr, train_graphs, batch_size, device)
+    used = factorise(llpr, regularizer)
+    alpha = calibrate(llpr, val_graphs, calibration_method, batch_size, device)
+    sample_ensemble(llpr, seed)
+    llpr.config["llpr"] = {
+        "num_ensemble_members": {"energy": num_ensemble_members},
+        "regularizer": used,
+        "calibration_method": calibration_method,
+        "multiplier": alpha,
+    }
+    return llpr
+
+
+# ------------------------------------------------- ensemble training, frozen model
+
+# keys of the per-graph cache `linearise` adds to graph.properties
+_CACHED = ("llpr_energy", "llpr_forces", "llpr_stress", "llpr_structure_features",
+           "llpr_feature_jacobian")
+
+
+def linearise(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    compute_stress: bool,
+    device: torch.device | str = "cpu",
+) -> list[AtomicGraph]:
+    """Copies of ``graphs`` whose properties also hold what a frozen model gives
+    them: energy, forces, stress, structure features g_s (S, F) and their
+    Jacobian ∂g_s/∂R stored per atom (N, F, 3). With the backbone frozen, the
+    ensemble's energies and forces are linear in the displacements, so
+    `LinearisedEnsemble` can train them without running the model again."""
+    device = torch.device(device)
+    dtype = _model_dtype(llpr)
+    result = []
+    for graph in graphs:
+        graph = graph._replace(properties={
+            k: v for k, v in graph.properties.items() if k not in _CACHED
+        })
+        moved = graph_to(graph, device, dtype)
+        outputs, positions, strain = llpr.potential.predict_energies(
+            moved, True, compute_stress
+        )
+        features = llpr.llpr_features(
+            outputs[keys.LAST_LAYER_FEATURES], moved.species
+        )
+        structure_features = sum_per_structure(features, moved)  # (1, F)
+        outputs = llpr.potential.add_derivatives(
+            outputs, moved, positions, strain, True, compute_stress, True
+        )
+        # stored per atom (N, F, 3) so that batching concatenates along atoms
+        jacobian = column_gradients(structure_features, positions, False)
+        jacobian = jacobian.transpose(0, 1)
+        cache = {
+            "llpr_energy": outputs[keys.ENERGY],
+            "llpr_forces": outputs[keys.FORCES],
+            "llpr_structure_features": structure_features,
+            "llpr_feature_jacobian": jacobian,
+        }
+        if compute_stress:
+            cache["llpr_stress"] = outputs[keys.STRESS]
+        properties = dict(graph.properties)
+        properties.update({k: v.detach().to("cpu") for k, v in cache.items()})
+        result.append(graph._replace(properties=properties))
+    return result
+
+
+class LinearisedEnsemble(nn.Module):
+    """The LLPR ensemble of a frozen model, evaluated on `linearise`d graphs:
+    energy_ensemble = E + g_s · Δw_k, forces_ensemble = F - (∂g_s/∂R) · Δw_k.
+    Only ``llpr.state.ensemble_displacements`` is trained through it."""
+
+    def __init__(self, llpr: LLPR):
+        super().__init__()
+        self.llpr = llpr
+
+    def forward(
+        self,
+        graph: AtomicGraph,
+        compute_forces: bool = True,
+        compute_stress: bool = True,
+    ) -> dict[str, Tensor]:
+        properties = graph.properties
+        displacements = self.llpr.centred_displacements()
+        energy = properties["llpr_energy"]
+        features = properties["llpr_structure_features"].to(torch.float64)
+        shifts = (features @ displacements).to(energy.dtype)  # (S, M)
+        outputs = {
+            keys.ENERGY: energy,
+            keys.ENERGY_ENSEMBLE: energy.unsqueeze(-1) + shifts,
+        }
+        if compute_forces:
+            forces = properties["llpr_forces"]
+            deviations = torch.einsum(
+                "nfa,fm->mna", properties["llpr_feature_jacobian"].to(torch.float64),
+                displacements,
+            )
+            outputs[keys.FORCES] = forces
+            outputs[keys.FORCES_ENSEMBLE] = (
+                forces.unsqueeze(0) - deviations.to(forces.dtype)
+            )
+        if compute_stress and "llpr_stress" in properties:
+            outputs[keys.STRESS] = properties["llpr_stress"]
+        return outputs
