@@ -35,7 +35,9 @@ def seal(path: str | os.PathLike) -> None:
     data = path.read_bytes()
     end = data[-_END_RECORD_SIZE:]
     if end[:4] != _END_RECORD or end[-2:] != b"\x00\x00":
-        raise ModelFileError(f"{path}: not a zip archive without a comment; cannot seal")
+        raise ModelFileError(
+            f"{path}: not a zip archive without a comment; cannot seal"
+        )
     sealed = data[:-2] + struct.pack("<H", _SEAL_SIZE) + SEAL_PREFIX
     digest = hashlib.sha256(sealed).hexdigest().encode()
     path.write_bytes(sealed + digest)
@@ -50,7 +52,7 @@ def _stored_seal(data: bytes) -> tuple[bytes, bytes] | None:
     length = struct.unpack("<H", data[-_SEAL_SIZE - 2 : -_SEAL_SIZE])[0]
     if length != _SEAL_SIZE or not comment.startswith(SEAL_PREFIX):
         return None
-    return data[: -64], comment[len(SEAL_PREFIX) :]
+    return data[:-64], comment[len(SEAL_PREFIX) :]
 
 
 def check_archive(path: str | os.PathLike, sealed: bool) -> None:

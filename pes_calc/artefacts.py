@@ -35,8 +35,14 @@ from pes_calc.io import FORMAT_VERSION, ModelFileError, load_model, read_metadat
 from pes_calc.neighbors import atoms_to_graph
 
 __all__ = [
-    "AOTInductorPotential", "COMPILED_OUTPUTS", "METADATA_FILE", "REQUIRED_IMPORTS",
-    "WEIGHTS_FILE", "example_graph", "import_required", "load_artefact",
+    "AOTInductorPotential",
+    "COMPILED_OUTPUTS",
+    "METADATA_FILE",
+    "REQUIRED_IMPORTS",
+    "WEIGHTS_FILE",
+    "example_graph",
+    "import_required",
+    "load_artefact",
     "read_artefact_metadata",
 ]
 
@@ -45,8 +51,13 @@ METADATA_FILE = "pes_calc_metadata.json"
 WEIGHTS_FILE = "pes_calc_model.safetensors"
 # outputs a compiled graph returns, in this order (those the model has)
 COMPILED_OUTPUTS = (
-    keys.ENERGY, keys.ENERGIES, keys.FORCES, keys.STRESS,
-    keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY, keys.ENERGY_ENSEMBLE,
+    keys.ENERGY,
+    keys.ENERGIES,
+    keys.FORCES,
+    keys.STRESS,
+    keys.ENERGY_UNCERTAINTY,
+    keys.ENERGIES_UNCERTAINTY,
+    keys.ENERGY_ENSEMBLE,
 )
 # architecture → modules to import before running it (custom ops + their autograd)
 REQUIRED_IMPORTS: dict[str, list[str]] = {
@@ -59,8 +70,13 @@ REQUIRED_IMPORTS: dict[str, list[str]] = {
 def flat_inputs(graph: AtomicGraph) -> tuple[Tensor, ...]:
     """The graph's tensors in the order a compiled graph takes them."""
     return (
-        graph.positions, graph.cell, graph.pbc, graph.species, graph.edge_index,
-        graph.edge_cell_shifts, graph.structure_index,
+        graph.positions,
+        graph.cell,
+        graph.pbc,
+        graph.species,
+        graph.edge_index,
+        graph.edge_cell_shifts,
+        graph.structure_index,
     )
 
 
@@ -98,8 +114,12 @@ class AOTInductorPotential(torch.nn.Module):
     """
 
     def __init__(
-        self, compiled: Any, eager: Any, output_names: list[str],
-        dtype: torch.dtype, device: str | torch.device,
+        self,
+        compiled: Any,
+        eager: Any,
+        output_names: list[str],
+        dtype: torch.dtype,
+        device: str | torch.device,
     ):
         super().__init__()
         self.compiled = compiled
@@ -187,7 +207,9 @@ def _load_aotinductor(
 
 
 def _check_against_eager(
-    loaded: AOTInductorPotential, eager: Any, dtype: torch.dtype,
+    loaded: AOTInductorPotential,
+    eager: Any,
+    dtype: torch.dtype,
     device: str | torch.device,
 ) -> None:
     """Raise if compiled and eager disagree on the example graph."""
@@ -280,5 +302,7 @@ def load_artefact(
     try:
         module = torch.jit.load(str(path), map_location=device)
     except Exception as error:  # the checks above leave only foreign content
-        raise ModelFileError(f"{path}: TorchScript could not load it: {error}") from error
+        raise ModelFileError(
+            f"{path}: TorchScript could not load it: {error}"
+        ) from error
     return module.eval(), metadata

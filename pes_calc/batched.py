@@ -162,10 +162,16 @@ def _evaluate_batch(
     graphs = []
     for index, atoms in zip(indices, chunk, strict=True):
         with _naming(index):
-            graphs.append(atoms_to_graph(
-                atoms, loaded.species, loaded.cutoff, dtype=loaded.dtype,
-                device=loaded.device, backend=loaded.neighbor_backend,
-            ))
+            graphs.append(
+                atoms_to_graph(
+                    atoms,
+                    loaded.species,
+                    loaded.cutoff,
+                    dtype=loaded.dtype,
+                    device=loaded.device,
+                    backend=loaded.neighbor_backend,
+                )
+            )
     graph = batch_graphs(graphs)
     with_volume = [has_volume(atoms) for atoms in chunk]
     compute_forces = any(p in ("forces", *FORCE_ENSEMBLE_PROPERTIES) for p in wanted)

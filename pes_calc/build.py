@@ -54,7 +54,9 @@ def _check_architecture(name: str, registry: Mapping[str, Any]) -> None:
         )
 
 
-def _build(architecture_class: Callable[..., Architecture], species: list, hypers: dict) -> Potential:
+def _build(
+    architecture_class: Callable[..., Architecture], species: list, hypers: dict
+) -> Potential:
     """Architecture + pair potential + per-type scales and shifts → `Potential`."""
     architecture = architecture_class(species, hypers)
     # soap_bpnn has metatrain's boolean `zbl`; nequip and allegro a `pair_potential`
@@ -84,7 +86,9 @@ def build_model(
     **hypers
         Hyperparameters with the architecture's names, e.g. ``soap={...}``.
 
-    >>> model = build_model("soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2})
+    >>> model = build_model(
+    ...     "soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2}
+    ... )
     >>> model.species, model.cutoff
     (['Cu'], 5.0)
     """
@@ -99,7 +103,7 @@ def build_model(
             raise ConfigError(f"architecture.model must be a mapping, got {given!r}")
         hypers = {**given, **hypers}
         species = species if species is not None else section.get("species")
-        name = section["name"]
+        name = str(section["name"])
     registry = _registry()
     _check_architecture(name, registry)
     if not species:
@@ -136,9 +140,13 @@ def cutoff_of(name: str, hypers: Mapping[str, Any]) -> float:
     registry = _registry()
     _check_architecture(name, registry)
     merged = merge_hypers({**registry[name][0], **POTENTIAL_DEFAULTS}, hypers)
-    radius = merged["soap"]["cutoff"]["radius"] if name == "soap_bpnn" else merged["r_max"]
+    radius = (
+        merged["soap"]["cutoff"]["radius"] if name == "soap_bpnn" else merged["r_max"]
+    )
     if not isinstance(radius, (int, float)):
-        raise ValueError(f"the cutoff of a {name} model must be a number, got {radius!r}")
+        raise ValueError(
+            f"the cutoff of a {name} model must be a number, got {radius!r}"
+        )
     return float(radius)
 
 
@@ -154,9 +162,7 @@ def potential_options(hypers: Mapping[str, Any]) -> dict[str, Any]:
     return {key: hypers[key] for key in names}
 
 
-def pair_potential_from(
-    spec: Any, species: Sequence[str], cutoff: float
-) -> ZBL | None:
+def pair_potential_from(spec: Any, species: Sequence[str], cutoff: float) -> ZBL | None:
     """The pair potential named by a ``pair_potential`` hyperparameter: None, "ZBL",
     or ``{"name": "ZBL", "units": "metal" | "real"}``."""
     if spec is None:

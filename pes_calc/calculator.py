@@ -70,7 +70,9 @@ class PESCalculator(Calculator):
     >>> import ase.build
     >>> from pes_calc import build_model
     >>> atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
-    >>> model = build_model("soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2})
+    >>> model = build_model(
+    ...     "soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2}
+    ... )
     >>> atoms.calc = PESCalculator(model, device="cpu")
     >>> atoms.get_forces().shape, atoms.get_stress().shape
     ((4, 3), (6,))
@@ -293,8 +295,11 @@ def evaluate(
             model, device=device, dtype=dtype, neighbor_backend=neighbor_backend
         )
     return calculator.calculate_batch(
-        structures, batch_size=batch_size, properties=properties,
-        progress=progress, return_atoms=return_atoms,
+        structures,
+        batch_size=batch_size,
+        properties=properties,
+        progress=progress,
+        return_atoms=return_atoms,
     )
 
 

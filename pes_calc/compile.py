@@ -50,23 +50,27 @@ from pes_calc.io import (
     model_state,
     save_model,
 )
+from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 
 MODES = ("torchscript", "aotinductor")
 
 
-def enable_ForceStressOutput(model: Potential) -> Potential:  # noqa: N802 (nequip's name)
+# nequip's name for it
+def enable_ForceStressOutput(model: Potential | LLPR) -> Potential | LLPR:  # noqa: N802
     """Compute forces and stress in an energy-only (``do_derivatives: false``) model."""
     model.do_derivatives = True
     return model
 
 
-MODIFIERS: dict[str, Callable[[Potential], Potential]] = {
+MODIFIERS: dict[str, Callable[[Potential | LLPR], Potential | LLPR]] = {
     "enable_ForceStressOutput": enable_ForceStressOutput,
 }
 
 
-def apply_modifiers(model: Potential, modifiers: Sequence[str]) -> Potential:
+def apply_modifiers(
+    model: Potential | LLPR, modifiers: Sequence[str]
+) -> Potential | LLPR:
     """Apply named model modifiers in order; unknown names raise ``ValueError``."""
     for name in modifiers:
         if name not in MODIFIERS:
@@ -78,7 +82,7 @@ def apply_modifiers(model: Potential, modifiers: Sequence[str]) -> Potential:
 
 
 def compile_model(
-    model: Potential,
+    model: Potential | LLPR,
     path: str | os.PathLike,
     *,
     mode: str = "torchscript",
@@ -131,7 +135,9 @@ def compile_model(
     # e3nn's script recursively traces the submodules it marks "trace" (its gate
     # activations) and scripts the rest; plain torch.jit.script cannot do those
     scripted = script(model, in_place=True)
-    torch.jit.save(scripted, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)})
+    torch.jit.save(
+        scripted, str(path), _extra_files={METADATA_FILE: json.dumps(metadata)}
+    )
     seal(path)
 
 
@@ -148,20 +154,30 @@ class _FlatInputs(torch.nn.Module):
         self.output_names = list(output_names)
 
     def forward(
-        self, positions: Tensor, cell: Tensor, pbc: Tensor, species: Tensor,
-        edge_index: Tensor, edge_cell_shifts: Tensor, structure_index: Tensor,
+        self,
+        positions: Tensor,
+        cell: Tensor,
+        pbc: Tensor,
+        species: Tensor,
+        edge_index: Tensor,
+        edge_cell_shifts: Tensor,
+        structure_index: Tensor,
     ) -> tuple[Tensor, ...]:
         graph = AtomicGraph(
-            positions, cell, pbc, species, edge_index, edge_cell_shifts,
-            structure_index, {},
+            positions,
+            cell,
+            pbc,
+            species,
+            edge_index,
+            edge_cell_shifts,
+            structure_index,
+            {},
         )
         outputs = self.model(graph, True, True)
         return tuple(outputs[name] for name in self.output_names)
 
 
-def _compile_aotinductor(
-    model: Any, path: Path, metadata: dict[str, Any]
-) -> None:
+def _compile_aotinductor(model: Any, path: Path, metadata: dict[str, Any]) -> None:
     """Trace, export and AOT-compile ``model`` into the package ``path``."""
     dtype, device = getattr(torch, metadata["dtype"]), metadata["device"]
     if torch.device(device).type == "cpu":
@@ -209,8 +225,13 @@ def _export_and_compile(flat: _FlatInputs, graph: AtomicGraph, package: Path) ->
     edges = Dim("num_edges", min=1, max=2**31 - 2)
     structures = Dim("num_structures", min=1, max=2**31 - 2)
     dynamic_shapes = (
-        {0: atoms}, {0: structures}, {0: structures}, {0: atoms},
-        {1: edges}, {0: edges}, {0: atoms},
+        {0: atoms},
+        {0: structures},
+        {0: structures},
+        {0: atoms},
+        {1: edges},
+        {0: edges},
+        {0: atoms},
     )
     exported = torch.export.export(
         traced, args, dynamic_shapes=dynamic_shapes, strict=False
@@ -236,4 +257,3 @@ def _cache_key(model: torch.nn.Module, metadata: dict[str, Any]) -> str:
         digest.update(str(tensor.dtype).encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:32]
-

@@ -70,7 +70,11 @@ def with_defaults(
 def merge_hypers(defaults: Mapping, given: Mapping, where: str = "") -> dict:
     """Deep-merge ``given`` over ``defaults``: nested mappings merge key by key,
     every other value replaces the default; unknown keys raise `ConfigError`."""
-    check_keys(given, defaults, f"{where.rstrip('.')} hyperparameter" if where else "hyperparameter")
+    check_keys(
+        given,
+        defaults,
+        f"{where.rstrip('.')} hyperparameter" if where else "hyperparameter",
+    )
     merged = copy.deepcopy(dict(defaults))
     for key, value in given.items():
         if isinstance(defaults[key], Mapping) and isinstance(value, Mapping):

@@ -11,7 +11,6 @@ function over the graph, so the graph stays a plain TorchScript record.
 (torch.Size([1, 3]), torch.Size([2, 12]), 1)
 """
 
-
 import math
 from collections.abc import Iterator, Sequence
 from typing import Dict, List, NamedTuple
@@ -180,7 +179,9 @@ def batch_order(
         : per_rank * world_size
     ]
     mine = order[rank::world_size]
-    return [mine[start : start + batch_size] for start in range(0, len(mine), batch_size)]
+    return [
+        mine[start : start + batch_size] for start in range(0, len(mine), batch_size)
+    ]
 
 
 def iterate_batches(

@@ -134,19 +134,23 @@ def connect(
     a description of the server; raises `IPIError` with what to check.
     """
     if (address is None) == (unix is None):
-        raise ValueError("give exactly one of an inet address (HOST:PORT) or a "
-                         "unix socket name")
+        raise ValueError(
+            "give exactly one of an inet address (HOST:PORT) or a unix socket name"
+        )
     if unix is not None:
         target: str | tuple[str, int] = unix_socket_path(unix)
         family, where = socket.AF_UNIX, f"unix socket {target}"
-        advice = (f"is i-PI running with <ffsocket mode='unix'><address>{unix}"
-                  "</address>?")
+        advice = (
+            f"is i-PI running with <ffsocket mode='unix'><address>{unix}</address>?"
+        )
     else:
         assert address is not None
         target = parse_address(address)
         family, where = socket.AF_INET, f"{target[0]}:{target[1]}"
-        advice = (f"is i-PI running with <ffsocket mode='inet'><address>{target[0]}"
-                  f"</address><port>{target[1]}</port>, and reachable from here?")
+        advice = (
+            f"is i-PI running with <ffsocket mode='inet'><address>{target[0]}"
+            f"</address><port>{target[1]}</port>, and reachable from here?"
+        )
     deadline = time.monotonic() + wait
     while True:
         sock = socket.socket(family, socket.SOCK_STREAM)
@@ -165,8 +169,9 @@ def connect(
             continue
         except socket.gaierror as error:
             sock.close()
-            raise IPIError(f"cannot resolve the i-PI host {target[0]!r}: "
-                           f"{error.strerror}") from None
+            raise IPIError(
+                f"cannot resolve the i-PI host {target[0]!r}: {error.strerror}"
+            ) from None
         except OSError as error:
             sock.close()
             raise IPIError(f"could not connect to i-PI at {where}: {error}") from None
@@ -217,16 +222,21 @@ def serve(
     if log_interval < 1:
         raise ValueError("log_interval must be ≥ 1")
     if (address is None) == (unix is None):
-        raise ValueError("give exactly one of an inet address (HOST:PORT) or a "
-                         "unix socket name")
+        raise ValueError(
+            "give exactly one of an inet address (HOST:PORT) or a unix socket name"
+        )
     target = address if unix is None else unix_socket_path(unix)
     if isinstance(model, PESCalculator):
         calculator = model
     else:
         calculator = PESCalculator(model, device=device, dtype=dtype, skin=skin)
     species_indices(structure.get_chemical_symbols(), calculator.species)
-    atoms = ase.Atoms(structure.numbers, positions=structure.positions,
-                      cell=structure.cell, pbc=structure.pbc)
+    atoms = ase.Atoms(
+        structure.numbers,
+        positions=structure.positions,
+        cell=structure.cell,
+        pbc=structure.pbc,
+    )
     atoms.calc = calculator
     periodic = bool(np.any(atoms.pbc))
 
@@ -236,10 +246,12 @@ def serve(
 
     say(f"{'waiting for' if wait > 0 else 'connecting to'} i-PI at {target}")
     sock, server = connect(address, unix, wait)
-    say(f"connected to {server}: {len(atoms)} atoms ({atoms.get_chemical_formula()}), "
+    say(
+        f"connected to {server}: {len(atoms)} atoms ({atoms.get_chemical_formula()}), "
         f"{calculator.device} {str(calculator.dtype).removeprefix('torch.')}, "
         f"skin {calculator.skin:g} Å"
-        + ("" if periodic else "; not periodic: sending a zero virial"))
+        + ("" if periodic else "; not periodic: sending a zero virial")
+    )
     protocol = IPIProtocol(sock)
     builds0 = calculator.neighbor_list_builds
     reuses0 = calculator.neighbor_list_reuses
@@ -253,8 +265,10 @@ def serve(
             try:
                 message = protocol.recvmsg()
             except UnicodeDecodeError:
-                raise IPIError(f"{server} does not speak the i-PI protocol "
-                               "(a header that is not ASCII)") from None
+                raise IPIError(
+                    f"{server} does not speak the i-PI protocol "
+                    "(a header that is not ASCII)"
+                ) from None
             if message == "EXIT":
                 exit_reason = "the server sent EXIT"
                 break
@@ -267,8 +281,9 @@ def serve(
                 try:
                     cell, _, positions = protocol.recvposdata()
                 except AssertionError:  # ASE asserts finite values
-                    raise IPIError("i-PI sent NaN or infinite positions or cell") \
-                        from None
+                    raise IPIError(
+                        "i-PI sent NaN or infinite positions or cell"
+                    ) from None
                 if len(positions) != len(atoms):
                     raise IPIError(
                         f"i-PI sent {len(positions)} atoms but the structure has "
@@ -284,9 +299,11 @@ def serve(
                 requests += 1
                 state = "HAVEDATA"
                 if requests == 1 or requests % log_interval == 0:
-                    say(f"{requests} requests, {1e3 * compute_s / requests:.2f} ms "
+                    say(
+                        f"{requests} requests, {1e3 * compute_s / requests:.2f} ms "
                         f"per request, neighbor lists built "
-                        f"{calculator.neighbor_list_builds - builds0}")
+                        f"{calculator.neighbor_list_builds - builds0}"
+                    )
             elif message == "GETFORCE":
                 if state != "HAVEDATA" or result is None:
                     raise IPIError("i-PI asked for forces before sending positions")
@@ -299,7 +316,9 @@ def serve(
     finally:
         sock.close()
     summary = ServeSummary(
-        server=server, requests=requests, compute_s=compute_s,
+        server=server,
+        requests=requests,
+        compute_s=compute_s,
         connected_s=time.perf_counter() - start,
         neighbor_list_builds=calculator.neighbor_list_builds - builds0,
         neighbor_list_reuses=calculator.neighbor_list_reuses - reuses0,

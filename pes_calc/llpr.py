@@ -41,19 +41,39 @@ from pes_calc.potential import Potential, _or_zeros
 
 # fitting and calibration names that moved to pes_calc.train.llpr; importing
 # them from here still works, with a DeprecationWarning, for one release
-_MOVED_TO_TRAIN = frozenset({
-    "CALIBRATION_METHODS", "FACTOR_TOLERANCE", "SMALLEST_REGULARIZER", "_CACHED",
-    "LinearisedEnsemble", "_batches", "_crps_minimum",
-    "_energy_and_structure_features", "_model_dtype", "calibrate",
-    "calibration_factor", "factorise", "fit_covariance", "gaussian_crps",
-    "linearise", "raw_energy_errors", "sample_ensemble", "wrap",
-})
+_MOVED_TO_TRAIN = frozenset(
+    {
+        "CALIBRATION_METHODS",
+        "FACTOR_TOLERANCE",
+        "SMALLEST_REGULARIZER",
+        "_CACHED",
+        "LinearisedEnsemble",
+        "_batches",
+        "_crps_minimum",
+        "_energy_and_structure_features",
+        "_model_dtype",
+        "calibrate",
+        "calibration_factor",
+        "factorise",
+        "fit_covariance",
+        "gaussian_crps",
+        "linearise",
+        "raw_energy_errors",
+        "sample_ensemble",
+        "wrap",
+    }
+)
 
 
 class Float64State(nn.Module):
     """LLPR's fitted tensors, kept in float64 whatever dtype the model is cast to
     (``.to(dtype)`` moves them between devices only): the covariance of a float32
     model's features spans more decades than float32 holds."""
+
+    covariance: Tensor
+    inverse_cholesky: Tensor
+    multiplier: Tensor
+    regularizer: Tensor
 
     def __init__(self, num_features: int, num_members: int):
         super().__init__()
@@ -164,7 +184,12 @@ class LLPR(nn.Module):
             outputs[keys.ENERGY_ENSEMBLE] = energy.unsqueeze(-1) + shifts.to(dtype)
 
         outputs = potential.add_derivatives(
-            outputs, graph, positions, strain, compute_forces, compute_stress,
+            outputs,
+            graph,
+            positions,
+            strain,
+            compute_forces,
+            compute_stress,
             ensemble_forces,
         )
         if ensemble_forces:
@@ -212,7 +237,6 @@ def column_gradients(targets: Tensor, positions: Tensor, create_graph: bool) -> 
     return torch.stack(rows)
 
 
-
 def __getattr__(name: str) -> Any:
     """A name that moved to `pes_calc.train.llpr`, with a DeprecationWarning."""
     if name not in _MOVED_TO_TRAIN:
@@ -220,9 +244,7 @@ def __getattr__(name: str) -> Any:
     # imported on first use: pes_calc.train imports this module
     fitting = importlib.import_module("pes_calc.train.llpr")
     warnings.warn(
-        DeprecationWarning(
-            f"pes_calc.llpr.{name} moved to pes_calc.train.llpr.{name}"
-        ),
+        DeprecationWarning(f"pes_calc.llpr.{name} moved to pes_calc.train.llpr.{name}"),
         stacklevel=2,
     )
     return getattr(fitting, name)

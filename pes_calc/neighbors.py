@@ -151,4 +151,3 @@ def atoms_to_graph(
         structure_index=torch.zeros(len(atoms), dtype=torch.int64, device=device),
         properties={},
     )
-

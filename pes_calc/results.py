@@ -23,8 +23,11 @@ Result = dict[str, Any]
 BASIC_PROPERTIES = ("energy", "free_energy", "energies", "forces", "stress")
 # LLPR models only; the ensemble-force ones cost extra backward passes
 UNCERTAINTY_PROPERTIES = (
-    keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY, keys.ENERGY_ENSEMBLE,
-    keys.FORCES_UNCERTAINTY, keys.FORCES_ENSEMBLE,
+    keys.ENERGY_UNCERTAINTY,
+    keys.ENERGIES_UNCERTAINTY,
+    keys.ENERGY_ENSEMBLE,
+    keys.FORCES_UNCERTAINTY,
+    keys.FORCES_ENSEMBLE,
 )
 FORCE_ENSEMBLE_PROPERTIES = (keys.FORCES_UNCERTAINTY, keys.FORCES_ENSEMBLE)
 ALL_PROPERTIES = (*BASIC_PROPERTIES, *UNCERTAINTY_PROPERTIES)
@@ -32,12 +35,17 @@ ALL_PROPERTIES = (*BASIC_PROPERTIES, *UNCERTAINTY_PROPERTIES)
 DERIVED_PROPERTIES = ("forces", "stress", *FORCE_ENSEMBLE_PROPERTIES)
 # what one calculator call fills for an LLPR model without ensemble forces
 CHEAP_UNCERTAINTIES = (
-    keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY, keys.ENERGY_ENSEMBLE,
+    keys.ENERGY_UNCERTAINTY,
+    keys.ENERGIES_UNCERTAINTY,
+    keys.ENERGY_ENSEMBLE,
 )
 # per-atom outputs have the atoms on axis 0, except the ensemble's (M, N, 3)
 PER_ATOM_AXIS = {
-    keys.ENERGIES: 0, keys.FORCES: 0, keys.ENERGIES_UNCERTAINTY: 0,
-    keys.FORCES_UNCERTAINTY: 0, keys.FORCES_ENSEMBLE: 1,
+    keys.ENERGIES: 0,
+    keys.FORCES: 0,
+    keys.ENERGIES_UNCERTAINTY: 0,
+    keys.FORCES_UNCERTAINTY: 0,
+    keys.FORCES_ENSEMBLE: 1,
 }
 # cell volumes below this (Å³) count as none
 SMALLEST_VOLUME = 1e-12
@@ -66,7 +74,8 @@ def split_outputs(
         names = [*outputs, "free_energy"]
     arrays = {
         name: outputs[name].detach().to("cpu", torch.float64).numpy()
-        for name in names if name in outputs
+        for name in names
+        if name in outputs
     }
     if keys.STRESS in arrays:
         arrays[keys.STRESS] = full_3x3_to_voigt_6_stress(arrays[keys.STRESS])

@@ -83,7 +83,9 @@ class Subject:
 
     def _decorate(self, atoms: ase.Atoms, seed: int, rattle: float = 0.1) -> ase.Atoms:
         rng = np.random.default_rng(seed)
-        symbols = np.array(self.species[:2])[rng.integers(0, min(2, len(self.species)), len(atoms))]
+        symbols = np.array(self.species[:2])[
+            rng.integers(0, min(2, len(self.species)), len(atoms))
+        ]
         atoms.set_chemical_symbols(list(symbols))
         if rattle:
             atoms.positions += rng.normal(0.0, rattle, size=atoms.positions.shape)
@@ -100,7 +102,11 @@ def random_rotation(seed: int) -> np.ndarray:
 def _close(name: str, actual, expected, atol: float, rtol: float = 1e-6) -> None:
     actual, expected = np.asarray(actual), np.asarray(expected)
     if actual.shape != expected.shape or not np.allclose(actual, expected, rtol, atol):
-        error = np.max(np.abs(actual - expected)) if actual.shape == expected.shape else "shape"
+        error = (
+            np.max(np.abs(actual - expected))
+            if actual.shape == expected.shape
+            else "shape"
+        )
         raise PotentialCheckError(f"{name}: max deviation {error} (atol {atol})")
 
 
@@ -167,7 +173,9 @@ def check_invariances(subject: Subject) -> None:
         rotated.positions = atoms.positions @ rotation.T
         rotated.cell = atoms.cell.array @ rotation.T
         outputs = subject(subject.graph(rotated))
-        _close("energy under rotation", outputs[keys.ENERGY], reference[keys.ENERGY], 1e-8)
+        _close(
+            "energy under rotation", outputs[keys.ENERGY], reference[keys.ENERGY], 1e-8
+        )
         _close(
             "forces under rotation",
             outputs[keys.FORCES],
@@ -179,17 +187,37 @@ def check_invariances(subject: Subject) -> None:
         inverted.positions = -atoms.positions
         inverted.cell = -atoms.cell.array
         outputs = subject(subject.graph(inverted))
-        _close("energy under inversion", outputs[keys.ENERGY], reference[keys.ENERGY], 1e-8)
-        _close("forces under inversion", outputs[keys.FORCES], -reference[keys.FORCES], 1e-7)
+        _close(
+            "energy under inversion", outputs[keys.ENERGY], reference[keys.ENERGY], 1e-8
+        )
+        _close(
+            "forces under inversion",
+            outputs[keys.FORCES],
+            -reference[keys.FORCES],
+            1e-7,
+        )
         translated = atoms.copy()
         translated.positions += np.array([0.3, -1.7, 2.2])
         outputs = subject(subject.graph(translated))
-        _close("energy under translation", outputs[keys.ENERGY], reference[keys.ENERGY], 1e-8)
+        _close(
+            "energy under translation",
+            outputs[keys.ENERGY],
+            reference[keys.ENERGY],
+            1e-8,
+        )
         order = np.random.default_rng(4).permutation(len(atoms))
         outputs = subject(subject.graph(atoms[order]))
-        _close("energy under permutation", outputs[keys.ENERGY], reference[keys.ENERGY], 1e-8)
         _close(
-            "forces under permutation", outputs[keys.FORCES], reference[keys.FORCES][order], 1e-8
+            "energy under permutation",
+            outputs[keys.ENERGY],
+            reference[keys.ENERGY],
+            1e-8,
+        )
+        _close(
+            "forces under permutation",
+            outputs[keys.FORCES],
+            reference[keys.FORCES][order],
+            1e-8,
         )
 
 
@@ -209,7 +237,12 @@ def check_batch_equals_single(subject: Subject) -> None:
     batched = subject(batch_graphs(graphs))
     singles = [subject(graph) for graph in graphs]
     for key in (keys.ENERGY, keys.ENERGIES, keys.FORCES, keys.STRESS):
-        _close(f"batched {key}", batched[key], np.concatenate([s[key] for s in singles]), 1e-8)
+        _close(
+            f"batched {key}",
+            batched[key],
+            np.concatenate([s[key] for s in singles]),
+            1e-8,
+        )
 
 
 def check_isolated_atoms(subject: Subject) -> None:
@@ -217,7 +250,11 @@ def check_isolated_atoms(subject: Subject) -> None:
     energies independent of how far apart the atoms are."""
     atom = ase.Atoms(subject.species[:1], positions=[[0.0, 0.0, 0.0]])
     single = subject(subject.graph(atom))
-    for key, shape in ((keys.ENERGY, (1,)), (keys.ENERGIES, (1,)), (keys.FORCES, (1, 3))):
+    for key, shape in (
+        (keys.ENERGY, (1,)),
+        (keys.ENERGIES, (1,)),
+        (keys.FORCES, (1, 3)),
+    ):
         if single[key].shape != shape:
             raise PotentialCheckError(f"1-atom {key} has shape {single[key].shape}")
     _close("1-atom forces", single[keys.FORCES], np.zeros((1, 3)), 1e-12)
@@ -229,7 +266,8 @@ def check_isolated_atoms(subject: Subject) -> None:
 
 
 def check_smooth_cutoff(subject: Subject) -> None:
-    """Dimer energy and force go continuously to their separated values at the cutoff."""
+    """Dimer energy and force go continuously to their separated values at the
+    cutoff."""
     symbol = subject.species[0]
     cutoff = subject.cutoff
 
@@ -245,7 +283,9 @@ def check_smooth_cutoff(subject: Subject) -> None:
 def check_inputs_not_mutated(subject: Subject) -> None:
     """The model leaves every tensor of its input graph unchanged."""
     graph = subject.graph(subject.bulk())
-    graph = graph._replace(properties={"energy": torch.zeros(1, dtype=graph.positions.dtype)})
+    graph = graph._replace(
+        properties={"energy": torch.zeros(1, dtype=graph.positions.dtype)}
+    )
     before: list[Any] = [
         {k: v.clone() for k, v in t.items()} if isinstance(t, dict) else t.clone()
         for t in graph
@@ -254,7 +294,9 @@ def check_inputs_not_mutated(subject: Subject) -> None:
     new: Any
     for name, old, new in zip(AtomicGraph._fields, before, graph, strict=True):
         if isinstance(old, dict):
-            same = old.keys() == new.keys() and all(torch.equal(old[k], new[k]) for k in old)
+            same = old.keys() == new.keys() and all(
+                torch.equal(old[k], new[k]) for k in old
+            )
         else:
             same = torch.equal(old, new)
         if not same:

@@ -51,8 +51,9 @@ def write_initial_data(config: dict) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", type=Path,
-                        default=Path("scripts/active-learning-cu.yaml"))
+    parser.add_argument(
+        "--config", type=Path, default=Path("scripts/active-learning-cu.yaml")
+    )
     parser.add_argument("--outdir", type=Path, default=RUN / "loop")
     args = parser.parse_args()
     config_name = args.config.as_posix()
@@ -65,21 +66,23 @@ def main() -> None:
     reports = run_active_learning(config, args.outdir)
     minutes = sum(report.wall_time_s for report in reports) / 60  # resumes included
     md, selection = config["md"], config["selection"]
-    text = "\n".join([
-        "# Active learning for Cu (EMT reference)",
-        "",
-        f"`python scripts/active_learning_cu.py --config {config_name}`: "
-        f"{minutes:.0f} min with one torch thread.",
-        "",
-        f"Initial data: {reports[0].train_size} structures at ≤ 600 K. MD: "
-        f"{len(md['structures'])} cells × {md['temperatures']} K, {md['steps']} steps "
-        f"of {md['timestep']} fs; uncertain means max σ_F > "
-        f"{selection['max_uncertainty']} eV/Å. Test: data/cu-emt/hot.xyz "
-        "(1600–2000 K). Stopped: " + str(reports[-1].stop_reason) + ".",
-        "",
-        format_table(reports),
-        "",
-    ])
+    text = "\n".join(
+        [
+            "# Active learning for Cu (EMT reference)",
+            "",
+            f"`python scripts/active_learning_cu.py --config {config_name}`: "
+            f"{minutes:.0f} min with one torch thread.",
+            "",
+            f"Initial data: {reports[0].train_size} structures at ≤ 600 K. MD: "
+            f"{len(md['structures'])} cells × {md['temperatures']} K, "
+            f"{md['steps']} steps of {md['timestep']} fs; uncertain means max σ_F > "
+            f"{selection['max_uncertainty']} eV/Å. Test: data/cu-emt/hot.xyz "
+            "(1600–2000 K). Stopped: " + str(reports[-1].stop_reason) + ".",
+            "",
+            format_table(reports),
+            "",
+        ]
+    )
     (RUN / "report.md").write_text(text)
     print(text)
 

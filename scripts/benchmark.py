@@ -882,8 +882,11 @@ def report(meta: dict, records: list[dict], systems: Sequence[str]) -> str:
 def merge_records(records: list[dict], newer: list[dict]) -> list[dict]:
     """``records`` with ``newer`` added; a newer record of the same (code,
     architecture, artefact, system) takes the older one's place."""
+
     def key(record: dict) -> tuple:
-        return tuple(record.get(k) for k in ("code", "architecture", "artefact", "system"))
+        return tuple(
+            record.get(k) for k in ("code", "architecture", "artefact", "system")
+        )
 
     replacements = {key(r): r for r in newer}
     merged = [replacements.pop(key(r), r) for r in records]
@@ -953,7 +956,8 @@ def main() -> None:
         nargs="+",
         default=[],
         help="add the records of earlier --json files (e.g. a 16384-atom run); a later "
-        "file's record of the same code, model, artefact and system replaces an earlier one",
+        "file's record of the same code, model, artefact and system replaces an "
+        "earlier one",
     )
     parser.add_argument("--readme", action="store_true", help="rewrite README's block")
     parser.add_argument(

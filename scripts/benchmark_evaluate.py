@@ -82,8 +82,13 @@ def best_times(
     return best
 
 
-def benchmark(model_path: str, name: str, structures: list[ase.Atoms],
-              batch_sizes: list[int], repeats: int) -> list[list[str]]:
+def benchmark(
+    model_path: str,
+    name: str,
+    structures: list[ase.Atoms],
+    batch_sizes: list[int],
+    repeats: int,
+) -> list[list[str]]:
     """Table rows (model, workload, method, structures/s, atoms/s, speed-up)."""
     calculator = PESCalculator(ROOT / model_path, device="cpu")
     atoms_count = sum(len(atoms) for atoms in structures)
@@ -91,18 +96,23 @@ def benchmark(model_path: str, name: str, structures: list[ase.Atoms],
         "loop": lambda: loop(calculator, structures)
     }
     for batch_size in batch_sizes:
-        works[f"evaluate {batch_size}"] = (
-            lambda b=batch_size: evaluate(calculator, structures, batch_size=b)
+        works[f"evaluate {batch_size}"] = lambda b=batch_size: evaluate(
+            calculator, structures, batch_size=b
         )
     timings = best_times(works, repeats)
     reference = timings["loop"]
     rows = []
     for method, seconds in timings.items():
-        rows.append([
-            Path(model_path).stem, name, method,
-            f"{len(structures) / seconds:.1f}", f"{atoms_count / seconds:,.0f}",
-            f"{reference / seconds:.2f}×",
-        ])
+        rows.append(
+            [
+                Path(model_path).stem,
+                name,
+                method,
+                f"{len(structures) / seconds:.1f}",
+                f"{atoms_count / seconds:,.0f}",
+                f"{reference / seconds:.2f}×",
+            ]
+        )
         print(" | ".join(rows[-1]), flush=True)
     return rows
 
@@ -110,10 +120,14 @@ def benchmark(model_path: str, name: str, structures: list[ase.Atoms],
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", default=MODELS)
-    parser.add_argument("--count", type=int, default=256,
-                        help="generated 32-atom Cu cells (0: none)")
-    parser.add_argument("--data", default="data/cu-emt/test.xyz",
-                        help="an ASE-readable file of structures ('' to skip)")
+    parser.add_argument(
+        "--count", type=int, default=256, help="generated 32-atom Cu cells (0: none)"
+    )
+    parser.add_argument(
+        "--data",
+        default="data/cu-emt/test.xyz",
+        help="an ASE-readable file of structures ('' to skip)",
+    )
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8, 32, 128])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None)
@@ -130,8 +144,10 @@ def main() -> None:
             atoms.calc = None  # the file's labels are not what is timed
         workloads.append((f"{Path(args.data).name} ({len(structures)})", structures))
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, "
-          f"best of {args.repeats} passes")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), CPU, "
+        f"best of {args.repeats} passes"
+    )
     header = ["model", "structures", "method", "structures/s", "atoms/s", "vs loop"]
     rows = []
     for model in args.models:

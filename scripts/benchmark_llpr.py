@@ -40,8 +40,11 @@ def labelled_cells(count: int, seed: int) -> list:
         atoms = copper(32)
         atoms.rattle(0.1, seed=seed + index)
         atoms.calc = EMT()
-        labels = {"energy": atoms.get_potential_energy(), "forces": atoms.get_forces(),
-                  "stress": atoms.get_stress()}
+        labels = {
+            "energy": atoms.get_potential_energy(),
+            "forces": atoms.get_forces(),
+            "stress": atoms.get_stress(),
+        }
         atoms.calc = SinglePointCalculator(atoms, **labels)
         cells.append(atoms)
     return cells
@@ -59,30 +62,46 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     atoms = copper(args.atoms)
-    print(f"{len(atoms)} atoms, {args.members} members, {torch.get_num_threads()} threads")
-    print("| architecture | F | plain (ms) | llpr (ms) | overhead | llpr+forces (ms) | overhead |")
+    print(
+        f"{len(atoms)} atoms, {args.members} members, {torch.get_num_threads()} threads"
+    )
+    print(
+        "| architecture | F | plain (ms) | llpr (ms) | overhead "
+        "| llpr+forces (ms) | overhead |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as folder:
         for name in args.architectures:
             hypers = MODELS[name]
-            # NequIP/Allegro need a neighbour normalisation; about 43 within 5 Å in fcc Cu
+            # NequIP/Allegro need a neighbour normalisation; about 43 within 5 Å in fcc
+            # Cu
             extra = {} if name == "soap_bpnn" else {"avg_num_neighbors": 43.0}
             model = build_model(name, ["Cu"], **hypers, **extra, seed=0)
             structures = labelled_cells(6, seed=1)
-            graphs = labelled_graphs(structures, extract_labels(structures, LabelKeys()),
-                                     model.species, model.cutoff)
+            graphs = labelled_graphs(
+                structures,
+                extract_labels(structures, LabelKeys()),
+                model.species,
+                model.cutoff,
+            )
             llpr = wrap(model, args.members, graphs[:4], graphs[4:])
             timings = {}
-            for label, source in (("plain", model), ("llpr", llpr), ("llpr+forces", llpr)):
+            for label, source in (
+                ("plain", model),
+                ("llpr", llpr),
+                ("llpr+forces", llpr),
+            ):
                 path = Path(folder) / f"{name}-{label}.pt"
                 compile_model(source, path)
-                calculator = PESCalculator(path, device="cpu",
-                                           ensemble_forces=label == "llpr+forces")
+                calculator = PESCalculator(
+                    path, device="cpu", ensemble_forces=label == "llpr+forces"
+                )
                 times = time_calls(calculator, atoms, args.calls, args.warmup)
                 timings[label] = statistics.median(times)
             plain = timings["plain"]
             print(
-                f"| {name} | {llpr.num_features} | {plain:.1f} | {timings['llpr']:.1f} | "
+                f"| {name} | {llpr.num_features} | {plain:.1f} | "
+                f"{timings['llpr']:.1f} | "
                 f"{100 * (timings['llpr'] / plain - 1):+.0f}% | "
                 f"{timings['llpr+forces']:.1f} | "
                 f"{100 * (timings['llpr+forces'] / plain - 1):+.0f}% |",

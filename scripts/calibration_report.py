@@ -42,13 +42,18 @@ def rows_for(path: Path) -> list[str]:
         seconds = time.perf_counter() - start
         m = evaluation.metrics()
         if set_name == "hot":
-            calibration_plot(evaluation, str(path.with_name(path.stem + "-calibration-hot.png")),
-                             title=f"{path.stem} on hot.xyz")
+            calibration_plot(
+                evaluation,
+                str(path.with_name(path.stem + "-calibration-hot.png")),
+                title=f"{path.stem} on hot.xyz",
+            )
         rows.append(
             f"| `{path.stem}` | {set_name} | "
-            f"{1000 * m['energy_per_atom_rmse']:.2f} | {1000 * m['energy_uncertainty_mean']:.1f} | "
+            f"{1000 * m['energy_per_atom_rmse']:.2f} | "
+            f"{1000 * m['energy_uncertainty_mean']:.1f} | "
             f"{m['energy_mean_squared_z']:.2f} | {m['energy_spearman']:.2f} | "
-            f"{1000 * m['forces_rmse']:.1f} | {1000 * m['forces_uncertainty_mean']:.1f} | "
+            f"{1000 * m['forces_rmse']:.1f} | "
+            f"{1000 * m['forces_uncertainty_mean']:.1f} | "
             f"{m['forces_mean_squared_z']:.2f} | {m['forces_spearman']:.2f} | "
             f"{m['forces_nll']:.2f} |"
         )

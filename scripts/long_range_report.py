@@ -72,6 +72,7 @@ def rmse(values: list[float]) -> float:
 def test_table(models: dict) -> str:
     frames = ase.io.read(DATA / "test.xyz", ":")
     rows = {}
+
     def separated(f):
         return f.info["gap"] > CUTOFF
 

@@ -450,12 +450,21 @@ def dimers(monomers: dict[str, Atoms]) -> list[Atoms]:
                 direction = rng.normal(size=3)
                 gap = rng.uniform(*DIMER_GAP_RANGE)
                 dimer = place_at_gap(a, b, direction / np.linalg.norm(direction), gap)
-                extra = {} if DIMER_RATTLE else {
-                    "monomer_energy": alone[a_name] + alone[b_name]
-                }
+                extra = (
+                    {}
+                    if DIMER_RATTLE
+                    else {"monomer_energy": alone[a_name] + alone[b_name]}
+                )
                 frames.append(
-                    labelled(dimer, gfn2(), f"{a_name}-{b_name}", stress=False,
-                             gap=round(gap, 4), monomer_atoms=len(a), **extra)
+                    labelled(
+                        dimer,
+                        gfn2(),
+                        f"{a_name}-{b_name}",
+                        stress=False,
+                        gap=round(gap, 4),
+                        monomer_atoms=len(a),
+                        **extra,
+                    )
                 )
     return frames
 
@@ -481,9 +490,15 @@ def dimer_scans(monomers: dict[str, Atoms]) -> list[Atoms]:
         for gap in SCAN_GAPS:
             dimer = place_at_gap(a, b, direction, gap)
             frames.append(
-                labelled(dimer, gfn2(), f"{a_name}-{b_name}", stress=False,
-                         gap=round(float(gap), 4), monomer_atoms=len(a),
-                         monomer_energy=monomer_energy)
+                labelled(
+                    dimer,
+                    gfn2(),
+                    f"{a_name}-{b_name}",
+                    stress=False,
+                    gap=round(float(gap), 4),
+                    monomer_atoms=len(a),
+                    monomer_energy=monomer_energy,
+                )
             )
     return frames
 

@@ -5,7 +5,8 @@ copper labelled with ASE's EMT) with ``pes-calc compile``, runs NVT molecular
 dynamics at 600 K on the 108-atom fcc cell in ``data/cu-emt/structures/`` with
 `PESCalculator`, then checks the last frame against the reference EMT calculator.
 
-    python scripts/quickstart.py [--steps 500] [--temperature 600] [--outdir runs/quickstart]
+    python scripts/quickstart.py [--steps 500] [--temperature 600] \\
+        [--outdir runs/quickstart]
 """
 
 from __future__ import annotations
@@ -41,9 +42,15 @@ def main() -> None:
 
     atoms = ase.io.read(STRUCTURE)
     summary = run_md(
-        atoms, PESCalculator(str(compiled), device="cpu"),
-        ensemble="nvt", temperature=args.temperature, steps=args.steps, timestep=2.0,
-        trajectory=args.outdir / "md.traj", log=args.outdir / "md.log", seed=0,
+        PESCalculator(str(compiled), device="cpu"),
+        atoms,
+        ensemble="nvt",
+        temperature=args.temperature,
+        steps=args.steps,
+        timestep=2.0,
+        trajectory=args.outdir / "md.traj",
+        log=args.outdir / "md.log",
+        seed=0,
     )
     print(summary)
 
@@ -57,7 +64,8 @@ def main() -> None:
     print(
         f"last frame vs EMT: energy error {1000 * energy_error:+.2f} meV/atom, "
         f"force RMSE {1000 * force_error:.1f} meV/Å "
-        f"(force scale {1000 * np.sqrt(np.mean(reference.get_forces() ** 2)):.0f} meV/Å)"
+        "(force scale "
+        f"{1000 * np.sqrt(np.mean(reference.get_forces() ** 2)):.0f} meV/Å)"
     )
     print(f"trajectory: {args.outdir / 'md.traj'}, log: {args.outdir / 'md.log'}")
 

@@ -31,7 +31,9 @@ def copper(num_atoms: int) -> ase.Atoms:
     return atoms
 
 
-def run(model: str, atoms: ase.Atoms, skin: float, steps: int, temperature: float) -> dict:
+def run(
+    model: str, atoms: ase.Atoms, skin: float, steps: int, temperature: float
+) -> dict:
     atoms = atoms.copy()
     maxwell_boltzmann_velocities(atoms, temperature, np.random.default_rng(0))
     calc = PESCalculator(model, skin=skin)
@@ -54,7 +56,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="models/cu-emt-soap-bpnn.safetensors")
     parser.add_argument("--atoms", type=int, nargs="+", default=[256, 2048])
-    parser.add_argument("--skins", type=float, nargs="+", default=[0, 0.25, 0.5, 1.0, 1.5])
+    parser.add_argument(
+        "--skins", type=float, nargs="+", default=[0, 0.25, 0.5, 1.0, 1.5]
+    )
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=600.0)
     parser.add_argument("--threads", type=int, default=1)
@@ -63,9 +67,13 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
 
-    print(f"{args.model}, {args.steps} NVE steps of 1 fs from {args.temperature:g} K, "
-          f"{args.threads} thread(s)")
-    print("| atoms | skin (Å) | ms/step | steps that rebuilt | max |Δr| vs skin 0 (Å) |")
+    print(
+        f"{args.model}, {args.steps} NVE steps of 1 fs from {args.temperature:g} K, "
+        f"{args.threads} thread(s)"
+    )
+    print(
+        "| atoms | skin (Å) | ms/step | steps that rebuilt | max |Δr| vs skin 0 (Å) |"
+    )
     print("|---|---|---|---|---|")
     for num_atoms in args.atoms:
         atoms = copper(num_atoms)
@@ -75,8 +83,11 @@ def main() -> None:
             if reference is None:
                 reference = result["positions"]
             deviation = np.abs(result["positions"] - reference).max()
-            print(f"| {len(atoms)} | {skin:g} | {result['ms_per_step']:.1f} | "
-                  f"{100 * result['rebuilds']:.0f}% | {deviation:.1e} |", flush=True)
+            print(
+                f"| {len(atoms)} | {skin:g} | {result['ms_per_step']:.1f} | "
+                f"{100 * result['rebuilds']:.0f}% | {deviation:.1e} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -119,7 +119,8 @@ def main() -> None:
                     }
                     rows.append(row)
                     print(
-                        f"| md (ms/step) | {atoms_count} | {machine} | {one:.1f} | {every:.1f} | "
+                        f"| md (ms/step) | {atoms_count} | {machine} | {one:.1f} | "
+                        f"{every:.1f} | "
                         f"{every / one:.2f} | {row['load']:.2f} |",
                         flush=True,
                     )
@@ -136,7 +137,8 @@ def main() -> None:
                         }
                     )
                     print(
-                        f"| train (s/epoch) | data/cu-emt | {machine} | {one:.1f} | {every:.1f} | "
+                        f"| train (s/epoch) | data/cu-emt | {machine} | {one:.1f} | "
+                        f"{every:.1f} | "
                         f"{every / one:.2f} | {os.getloadavg()[0]:.2f} |",
                         flush=True,
                     )

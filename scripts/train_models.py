@@ -46,16 +46,19 @@ def table() -> str:
     for path in sorted(MODELS.glob("*.safetensors")):
         metadata = read_metadata(path)
         # trainable weights only: the file also holds buffers (spline tables, ...)
-        parameters = sum(p.numel() for p in load_model(path).parameters() if p.requires_grad)
+        parameters = sum(
+            p.numel() for p in load_model(path).parameters() if p.requires_grad
+        )
         training = metadata.get("training", {})
         test = training.get("test_metrics", {})
 
-        def milli(key: str) -> str:
+        def milli(key: str, test: dict = test) -> str:
             return f"{1000 * test[key]:.2f}" if key in test else "–"
 
         minutes = training.get("training_time_s", float("nan")) / 60
         rows.append(
-            f"| `{path.name}` | {metadata['architecture']}{' + LLPR' if metadata.get('llpr') else ''} | {parameters:,} | "
+            f"| `{path.name}` | {metadata['architecture']}"
+            f"{' + LLPR' if metadata.get('llpr') else ''} | {parameters:,} | "
             f"{milli('energy_per_atom_rmse')} | {milli('forces_rmse')} | "
             f"{milli('stress_rmse')} | {training.get('best_epoch', '–')} / "
             f"{training.get('epochs_run', '–')} | {minutes:.0f} min |"

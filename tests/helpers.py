@@ -36,7 +36,9 @@ def emt_structures(count: int, seed: int, cluster: bool = True) -> list:
     rng = np.random.default_rng(seed)
     structures = []
     for _ in range(count):
-        atoms = ase_bulk("Cu", "fcc", a=3.61 * (1 + 0.02 * rng.standard_normal()), cubic=True)
+        atoms = ase_bulk(
+            "Cu", "fcc", a=3.61 * (1 + 0.02 * rng.standard_normal()), cubic=True
+        )
         atoms = atoms.repeat((2, 1, 1))
         atoms.rattle(0.1, seed=int(rng.integers(1 << 30)))
         atoms.calc = EMT()

@@ -67,8 +67,11 @@ def reset_counter(reference):
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("cu")
     for name, count, seed in (("train", 6, 0), ("val", 3, 1), ("test", 3, 2)):
-        ase.io.write(folder / f"{name}.xyz", emt_structures(count, seed, cluster=False),
-                     format="extxyz")
+        ase.io.write(
+            folder / f"{name}.xyz",
+            emt_structures(count, seed, cluster=False),
+            format="extxyz",
+        )
     start = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True).repeat((2, 1, 1))
     ase.io.write(folder / "start.xyz", start, format="extxyz")
     return folder
@@ -80,20 +83,37 @@ def make_config(data, max_rounds=2, **sections):
         "data": {k: str(data / f"{k}.xyz") for k in ("train", "val", "test")},
         "architecture": {
             "name": "soap_bpnn",
-            "model": {"soap": {"max_angular": 1, "max_radial": 2,
-                               "cutoff": {"radius": 3.5, "width": 0.5}},
-                      "bpnn": {"num_hidden_layers": 1, "num_neurons_per_layer": 8}},
-            "training": {"batch_size": 3, "num_epochs": 2, "learning_rate": 0.02,
-                         "loss": {"energy": 1.0, "forces": 1.0, "stress": 1.0}},
+            "model": {
+                "soap": {
+                    "max_angular": 1,
+                    "max_radial": 2,
+                    "cutoff": {"radius": 3.5, "width": 0.5},
+                },
+                "bpnn": {"num_hidden_layers": 1, "num_neurons_per_layer": 8},
+            },
+            "training": {
+                "batch_size": 3,
+                "num_epochs": 2,
+                "learning_rate": 0.02,
+                "loss": {"energy": 1.0, "forces": 1.0, "stress": 1.0},
+            },
         },
         "reference": {"calculator": "al_reference:CountingEMT"},
         "retrain": {"mode": "finetune", "training": {"num_epochs": 1}},
         "llpr": {"model": {"num_ensemble_members": {"energy": 4}}},
-        "md": {"structures": [str(data / "start.xyz")], "temperatures": [300, 900],
-               "steps": 20, "timestep": 2.0, "interval": 5},
+        "md": {
+            "structures": [str(data / "start.xyz")],
+            "temperatures": [300, 900],
+            "steps": 20,
+            "timestep": 2.0,
+            "interval": 5,
+        },
         # every check is over this threshold: there is always something to label
-        "selection": {"max_uncertainty": 1e-6, "max_per_round": PER_ROUND,
-                      "min_separation_steps": 5},
+        "selection": {
+            "max_uncertainty": 1e-6,
+            "max_per_round": PER_ROUND,
+            "min_separation_steps": 5,
+        },
         "budget": {"max_rounds": max_rounds},
     }
     for name, values in sections.items():
@@ -132,17 +152,30 @@ def loop(data, reference, tmp_path_factory):
         counter = TrainCounter(patch)
         second = run_active_learning(make_config(data, 2), outdir, progress=False)
     return types.SimpleNamespace(
-        outdir=outdir, first=first, second=second, first_calls=calls,
-        second_calls=reference.calls - calls, first_trained=first_counter.runs,
-        second_trained=counter.runs, first_files=first_files)
+        outdir=outdir,
+        first=first,
+        second=second,
+        first_calls=calls,
+        second_calls=reference.calls - calls,
+        first_trained=first_counter.runs,
+        second_trained=counter.runs,
+        first_files=first_files,
+    )
 
 
 def test_two_rounds_write_every_stage_and_the_tables(loop):
     round0, round1 = loop.outdir / "round-000", loop.outdir / "round-001"
     for folder in (round0, round1):
-        for name in ("train.xyz", "base/model.safetensors", "llpr/model.safetensors",
-                     "md/start-300K.json", "md/start-900K.log", "candidates.xyz",
-                     "report.json", "state.json"):
+        for name in (
+            "train.xyz",
+            "base/model.safetensors",
+            "llpr/model.safetensors",
+            "md/start-300K.json",
+            "md/start-900K.log",
+            "candidates.xyz",
+            "report.json",
+            "state.json",
+        ):
             assert (folder / name).is_file(), folder / name
     assert (round0 / "labelled.xyz").is_file()
     assert not (round1 / "labelled.xyz").exists()  # the last round labels nothing
@@ -174,8 +207,9 @@ def test_labels_are_the_references_and_the_training_set_grows_by_them(loop):
     for atoms in labelled:
         expected = atoms.copy()
         expected.calc = EMT()
-        np.testing.assert_allclose(atoms.get_potential_energy(),
-                                   expected.get_potential_energy(), rtol=1e-10)
+        np.testing.assert_allclose(
+            atoms.get_potential_energy(), expected.get_potential_energy(), rtol=1e-10
+        )
         np.testing.assert_allclose(atoms.get_forces(), expected.get_forces(), atol=1e-7)
         np.testing.assert_allclose(atoms.get_stress(), expected.get_stress(), atol=1e-7)
         assert atoms.info["temperature_K"] in (300, 900)
@@ -205,10 +239,12 @@ def test_a_rerun_with_more_rounds_goes_on_without_recomputing(loop):
     unchanged = {p for p in loop.first_files if now[p] == loop.first_files[p]}
     # round 0's models, data and MD stay; only its report and state are rewritten
     assert set(loop.first_files) - unchanged == {
-        loop.outdir / "round-000" / name for name in ("report.json", "state.json")}
+        loop.outdir / "round-000" / name for name in ("report.json", "state.json")
+    }
     # and a rerun of a finished loop does nothing
-    reports = run_active_learning(make_config_from(loop.outdir), loop.outdir,
-                                  progress=False)
+    reports = run_active_learning(
+        make_config_from(loop.outdir), loop.outdir, progress=False
+    )
     assert [r.wall_time_s for r in reports] == [r.wall_time_s for r in loop.second]
 
 
@@ -219,8 +255,9 @@ def make_config_from(outdir):
 def test_cli_prints_the_table_of_a_finished_loop(loop, tmp_path):
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(make_config_from(loop.outdir)))
-    result = CliRunner().invoke(main, ["active-learn", str(path), "-o",
-                                       str(loop.outdir), "--quiet"])
+    result = CliRunner().invoke(
+        main, ["active-learn", str(path), "-o", str(loop.outdir), "--quiet"]
+    )
     assert result.exit_code == 0, result.output
     assert "| 1 | 9 | 0 |" in result.output and "stopped: max_rounds" in result.output
 
@@ -256,23 +293,26 @@ def test_interrupted_labelling_and_training_resume_without_relabelling(
     assert [r.train_size for r in reports] == [6, 6 + PER_ROUND]
 
 
-def test_failed_labels_are_reported_and_the_budget_caps_labels(data, reference,
-                                                              tmp_path, capsys):
+def test_failed_labels_are_reported_and_the_budget_caps_labels(
+    data, reference, tmp_path, capsys
+):
     reference.fail_every = 2  # every second structure comes back with a NaN energy
     config = make_config(data, 4, budget={"max_labels": 2})
     reports = run_active_learning(config, tmp_path, progress=True)
     # round 0: cap min(3, 2) = 2 chosen, one failed; round 1 fills the budget
     assert (reports[0].labelled, reports[0].label_failures) == (1, 1)
     assert "failed (FloatingPointError: the reference returned non-finite energy)" in (
-        capsys.readouterr().out)
+        capsys.readouterr().out
+    )
     assert reports[1].labelled == 1 and reports[1].train_size == 7
     assert reports[-1].stop_reason == "max_labels" and len(reports) == 3
     files = tmp_path.glob("round-*/labelled.xyz")
     assert sum(len(ase.io.read(path, ":")) for path in files) == 2
 
 
-def test_a_loop_whose_md_stays_below_the_threshold_has_converged(data, reference,
-                                                                 tmp_path):
+def test_a_loop_whose_md_stays_below_the_threshold_has_converged(
+    data, reference, tmp_path
+):
     config = make_config(data, 3, selection={"max_uncertainty": 1e9})
     reports = run_active_learning(config, tmp_path, progress=False)
     assert len(reports) == 1 and reports[0].stop_reason == "converged"
@@ -292,13 +332,16 @@ def test_selection_takes_the_most_uncertain_and_skips_near_duplicates():
     shifted = [[1.0, 1.0, 1.0], [1.1, 3.5, 1.0]]  # the same two distances, permuted
     candidates = [
         candidate(base, "a", 0, 0.5),
-        candidate(shifted, "b", 0, 0.6),   # a duplicate of the first (fingerprint)
+        candidate(shifted, "b", 0, 0.6),  # a duplicate of the first (fingerprint)
         candidate([[0, 0, 0], [2.2, 0, 0]], "a", 10, 0.9),
         candidate([[0, 0, 0], [2.3, 0, 0]], "a", 30, 0.8),  # within 50 steps of 10
         candidate([[0, 0, 0], [2.4, 0, 0]], "a", 100, float("nan")),  # broken: last
     ]
-    settings = {"max_per_run": None, "min_separation_steps": 50,
-                "duplicate_tolerance": 0.01}
+    settings = {
+        "max_per_run": None,
+        "min_separation_steps": 50,
+        "duplicate_tolerance": 0.01,
+    }
     assert select(candidates, 10, settings) == [2, 1, 4]
     assert select(candidates, 1, settings) == [2]
     assert select(candidates, 10, {**settings, "max_per_run": 1}) == [2, 1]
@@ -332,27 +375,41 @@ def test_label_structure_drops_model_values_and_rejects_non_finite_results():
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"selection": {"max_uncertainty": 0.1, "treshold": 1}},
-         "unknown selection keys"),
+        (
+            {"selection": {"max_uncertainty": 0.1, "treshold": 1}},
+            "unknown selection keys",
+        ),
         ({"md_steps": 10}, "unknown top-level keys"),
-        ({"reference": {"calculator": "no_such_package.calc:Calc"}},
-         "cannot import 'no_such_package.calc'"),
-        ({"reference": {"calculator": "ase.calculators.emt:EMTT"}},
-         "has no class 'EMTT'"),
+        (
+            {"reference": {"calculator": "no_such_package.calc:Calc"}},
+            "cannot import 'no_such_package.calc'",
+        ),
+        (
+            {"reference": {"calculator": "ase.calculators.emt:EMTT"}},
+            "has no class 'EMTT'",
+        ),
         ({"reference": {}}, "reference.calculator must name"),
         ({"retrain": "warm"}, "retrain.mode must be one of"),
-        ({"llpr": {"model": {"num_ensemble_members": {"energy": 0}}}},
-         "needs llpr.model.num_ensemble_members"),
+        (
+            {"llpr": {"model": {"num_ensemble_members": {"energy": 0}}}},
+            "needs llpr.model.num_ensemble_members",
+        ),
         ({"selection": {"max_uncertainty": None}}, "max_uncertainty must be a number"),
-        ({"md": {"structures": ["nowhere/*.xyz"], "temperatures": [300]}},
-         "no file matches nowhere"),
-        ({"architecture": {"name": "soap_bpnn", "training": {"num_epoch": 3}}},
-         "^unknown training keys"),
+        (
+            {"md": {"structures": ["nowhere/*.xyz"], "temperatures": [300]}},
+            "no file matches nowhere",
+        ),
+        (
+            {"architecture": {"name": "soap_bpnn", "training": {"num_epoch": 3}}},
+            "^unknown training keys",
+        ),
         ({"retrain": {"training": {"num_epoch": 3}}}, "^retrain: unknown training"),
         ({"llpr": {"training": {"num_epochs": 0}}}, "^llpr: num_epochs must be"),
         ({"budget": {"max_rounds": 0}}, "budget.max_rounds must be an integer > 0"),
-        ({"md": {"structures": ["x"], "temperatures": [300], "timestep": "2 fs"}},
-         r"md.timestep must be a number > 0, got '2 fs'"),
+        (
+            {"md": {"structures": ["x"], "temperatures": [300], "timestep": "2 fs"}},
+            r"md.timestep must be a number > 0, got '2 fs'",
+        ),
     ],
 )
 def test_config_errors_are_clear(data, change, message):

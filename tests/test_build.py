@@ -15,8 +15,12 @@ SOAP = {"max_angular": 2, "max_radial": 2}
 BPNN = {"num_hidden_layers": 1, "num_neurons_per_layer": 8}
 SMALL = {"soap": SOAP, "bpnn": BPNN}
 SMALL_NEQUIP = {"num_layers": 1, "num_features": 4, "l_max": 1}
-SMALL_ALLEGRO = {"num_layers": 1, "num_scalar_features": 8, "num_tensor_features": 2,
-                 "l_max": 1}
+SMALL_ALLEGRO = {
+    "num_layers": 1,
+    "num_scalar_features": 8,
+    "num_tensor_features": 2,
+    "l_max": 1,
+}
 
 
 def _small(**hypers) -> Potential:
@@ -80,8 +84,12 @@ def test_section_species_and_hypers_can_be_overridden():
     assert model.config["model"]["seed"] == 2
     assert model.per_type_energy_scales.tolist() == [3.0, 3.0]
     assert section["model"]["seed"] == 1  # the caller's section is left alone
-    _assert_same_weights(model, build_model("soap_bpnn", ["Ag", "Cu"], **SMALL, seed=2,
-                                            per_type_energy_scales=3.0))
+    _assert_same_weights(
+        model,
+        build_model(
+            "soap_bpnn", ["Ag", "Cu"], **SMALL, seed=2, per_type_energy_scales=3.0
+        ),
+    )
 
 
 def test_section_without_name_or_species():
@@ -274,8 +282,12 @@ def test_pair_potential_from_none():
 
 @pytest.mark.parametrize(
     "spec, units",
-    [("ZBL", "metal"), ("zbl", "metal"), ({"name": "ZBL"}, "metal"),
-     ({"name": "ZBL", "units": "real"}, "real")],
+    [
+        ("ZBL", "metal"),
+        ("zbl", "metal"),
+        ({"name": "ZBL"}, "metal"),
+        ({"name": "ZBL", "units": "real"}, "real"),
+    ],
 )
 def test_pair_potential_from_zbl(spec, units):
     zbl = pair_potential_from(spec, SPECIES, 5.0)
@@ -327,8 +339,11 @@ def test_pair_potential_from_rejects_bad_units():
     "name, hypers, units",
     [
         ("soap_bpnn", {**SMALL, "zbl": True}, "metal"),
-        ("nequip", {**SMALL_NEQUIP, "pair_potential": {"name": "ZBL", "units": "real"}},
-         "real"),
+        (
+            "nequip",
+            {**SMALL_NEQUIP, "pair_potential": {"name": "ZBL", "units": "real"}},
+            "real",
+        ),
         ("allegro", {**SMALL_ALLEGRO, "pair_potential": "ZBL"}, "metal"),
     ],
 )

@@ -25,12 +25,12 @@ from helpers import emt_structures
 
 from pes_calc import PESCalculator, build_model, evaluate, keys, save_model
 from pes_calc import compile as compile_module
-from pes_calc.cli import main
 from pes_calc.artefacts import (
     AOTInductorPotential,
     load_artefact,
     read_artefact_metadata,
 )
+from pes_calc.cli import main
 from pes_calc.compile import compile_model
 from pes_calc.io import ModelFileError
 from pes_calc.llpr import LLPR
@@ -53,7 +53,10 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def llpr() -> LLPR:
     model = build_model(
-        "soap_bpnn", ["Cu", "Ag"], model_dtype="float64", seed=0,
+        "soap_bpnn",
+        ["Cu", "Ag"],
+        model_dtype="float64",
+        seed=0,
         soap={"max_angular": 2, "max_radial": 2},
         bpnn={"num_hidden_layers": 1, "num_neurons_per_layer": 6},
     )
@@ -94,8 +97,13 @@ def test_package_holds_its_metadata(package, llpr):
     assert metadata["artefact"] == "aotinductor"
     assert metadata["llpr"] == llpr.config["llpr"]
     assert metadata["compiled_outputs"] == [
-        keys.ENERGY, keys.ENERGIES, keys.FORCES, keys.STRESS,
-        keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY, keys.ENERGY_ENSEMBLE,
+        keys.ENERGY,
+        keys.ENERGIES,
+        keys.FORCES,
+        keys.STRESS,
+        keys.ENERGY_UNCERTAINTY,
+        keys.ENERGIES_UNCERTAINTY,
+        keys.ENERGY_ENSEMBLE,
     ]
     loaded, _ = load_artefact(package)
     assert isinstance(loaded, AOTInductorPotential)
@@ -113,8 +121,11 @@ def test_compiled_equals_eager(package, llpr, index):
     for name in compiled.output_names:
         if name in expected:
             np.testing.assert_allclose(
-                got[name].detach().numpy(), expected[name].detach().numpy(),
-                rtol=1e-9, atol=1e-10, err_msg=name,
+                got[name].detach().numpy(),
+                expected[name].detach().numpy(),
+                rtol=1e-9,
+                atol=1e-10,
+                err_msg=name,
             )
 
 
@@ -168,10 +179,19 @@ def test_a_second_compile_comes_from_the_cache(package, llpr, tmp_path, monkeypa
     # the CLI too, from the .safetensors file
     save_model(llpr, tmp_path / "model.safetensors")
     threads = torch.get_num_threads()
-    result = CliRunner().invoke(main, [
-        "compile", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "cli.pt2"),
-        "--mode", "aotinductor", "--threads", str(threads),
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "compile",
+            str(tmp_path / "model.safetensors"),
+            "-o",
+            str(tmp_path / "cli.pt2"),
+            "--mode",
+            "aotinductor",
+            "--threads",
+            str(threads),
+        ],
+    )
     assert result.exit_code == 0, result.output
     info = CliRunner().invoke(main, ["info", str(tmp_path / "cli.pt2")])
     assert "aotinductor" in info.output
@@ -217,7 +237,9 @@ def test_unknown_mode(llpr, tmp_path):
 
 def test_long_range_models_are_refused(tmp_path):
     model = build_model(
-        "soap_bpnn", ["Na", "Cl"], soap={"max_angular": 2, "max_radial": 2},
+        "soap_bpnn",
+        ["Na", "Cl"],
+        soap={"max_angular": 2, "max_radial": 2},
         long_range={"enable": True},
     )
     with pytest.raises(NotImplementedError, match="long-range"):
@@ -270,7 +292,9 @@ def test_torchscript_files_with_our_operators_load_in_a_fresh_process(
     compile_model(build_model(architecture, ["Cu"], seed=0, **hypers), path)
     result = subprocess.run(
         [sys.executable, "-c", FRESH_PROCESS, str(path), module],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -288,7 +312,9 @@ def test_torchscript_files_with_our_operators_load_in_a_fresh_process(
 def test_export_formulations_give_the_eager_numbers(architecture, hypers):
     """What `prepare_for_export` switches (NequIP: no edge chunks; Allegro: contraction
     by multiply-and-sum) changes the arithmetic's order, not the results."""
-    model = build_model(architecture, ["Cu", "Ag"], model_dtype="float64", seed=0, **hypers)
+    model = build_model(
+        architecture, ["Cu", "Ag"], model_dtype="float64", seed=0, **hypers
+    )
     atoms = ase.build.bulk("Cu", "fcc", a=3.61, cubic=True) * (2, 2, 2)
     atoms.symbols[::3] = "Ag"
     atoms.rattle(0.1, seed=0)

@@ -28,8 +28,12 @@ from pes_calc.testing import CHECKS, PotentialCheckError, Subject, check_potenti
 
 SMALL_SOAP = {"max_angular": 3, "max_radial": 3}
 SMALL_NEQUIP = {"r_max": 4.0, "num_layers": 2, "num_features": 8, "seed": 0}
-SMALL_ALLEGRO = {"r_max": 4.0, "num_scalar_features": 16, "num_tensor_features": 4,
-                 "seed": 0}
+SMALL_ALLEGRO = {
+    "r_max": 4.0,
+    "num_scalar_features": 16,
+    "num_tensor_features": 4,
+    "seed": 0,
+}
 
 LINEAR_HEAD = {"heads": {"energy": "linear"}, "bpnn": {"layernorm": False}}
 
@@ -38,20 +42,56 @@ ARCHITECTURES: list[tuple[str, list[str], dict[str, Any]]] = [
     ("soap_bpnn", ["Cu"], {"soap": SMALL_SOAP, "zbl": True, "seed": 0}),
     ("soap_bpnn", ["Cu", "Ag"], {"soap": SMALL_SOAP, **LINEAR_HEAD, "seed": 0}),
     ("nequip", ["Cu", "Ag"], {**SMALL_NEQUIP, "l_max": 1, "pair_potential": "ZBL"}),
-    ("nequip", ["Cu", "Ag"], {**SMALL_NEQUIP, "l_max": 2, "parity": False,
-                              "avg_num_neighbors": {"Cu": 10.0, "Ag": 14.0},
-                              "per_edge_type_cutoff": {"Ag": {"Cu": 3.5}}}),
-    ("nequip", ["Cu"], {**SMALL_NEQUIP, "l_max": 3, "readout_mlp_hidden_layers_depth": 1}),
+    (
+        "nequip",
+        ["Cu", "Ag"],
+        {
+            **SMALL_NEQUIP,
+            "l_max": 2,
+            "parity": False,
+            "avg_num_neighbors": {"Cu": 10.0, "Ag": 14.0},
+            "per_edge_type_cutoff": {"Ag": {"Cu": 3.5}},
+        },
+    ),
+    (
+        "nequip",
+        ["Cu"],
+        {**SMALL_NEQUIP, "l_max": 3, "readout_mlp_hidden_layers_depth": 1},
+    ),
     # avg_num_neighbors near the real count, as trained configs set it: unset, the
     # variance-preserving init gives O(1e4) eV/Å forces in the contract's dense cells
-    ("allegro", ["Cu", "Ag"], {**SMALL_ALLEGRO, "l_max": 1, "pair_potential": "ZBL",
-                               "avg_num_neighbors": 40.0}),
-    ("allegro", ["Cu", "Ag"], {**SMALL_ALLEGRO, "l_max": 2, "parity": False,
-                               "tp_path_channel_coupling": False,
-                               "avg_num_neighbors": 12.0,
-                               "per_edge_type_cutoff": {"Cu": {"Ag": 3.5}}}),
-    ("allegro", ["Cu"], {**SMALL_ALLEGRO, "l_max": 3, "num_layers": 3,
-                         "radial_chemical_embed": {"name": "TwoBodySplineScalarEmbed"}}),
+    (
+        "allegro",
+        ["Cu", "Ag"],
+        {
+            **SMALL_ALLEGRO,
+            "l_max": 1,
+            "pair_potential": "ZBL",
+            "avg_num_neighbors": 40.0,
+        },
+    ),
+    (
+        "allegro",
+        ["Cu", "Ag"],
+        {
+            **SMALL_ALLEGRO,
+            "l_max": 2,
+            "parity": False,
+            "tp_path_channel_coupling": False,
+            "avg_num_neighbors": 12.0,
+            "per_edge_type_cutoff": {"Cu": {"Ag": 3.5}},
+        },
+    ),
+    (
+        "allegro",
+        ["Cu"],
+        {
+            **SMALL_ALLEGRO,
+            "l_max": 3,
+            "num_layers": 3,
+            "radial_chemical_embed": {"name": "TwoBodySplineScalarEmbed"},
+        },
+    ),
 ]
 ARCHITECTURE_IDS = [
     f"{name}{index}" for index, (name, _, _) in enumerate(ARCHITECTURES)

@@ -30,7 +30,12 @@ MEMBERS = 4
 @pytest.fixture(scope="module")
 def model():
     return build_model(
-        "soap_bpnn", SPECIES, soap=SOAP, bpnn=BPNN, seed=0, model_dtype="float64",
+        "soap_bpnn",
+        SPECIES,
+        soap=SOAP,
+        bpnn=BPNN,
+        seed=0,
+        model_dtype="float64",
         per_type_energy_scales=SCALES,
     ).eval()
 
@@ -81,11 +86,22 @@ def _structures(seed: int = 0) -> list[ase.Atoms]:
     bare_slab.info.clear()
     bare_slab.cell[2] = 0.0
     wire = ase.Atoms(
-        "Cu3", positions=[[0, 0, 0], [2.5, 0.4, 0], [5.0, 0, 0.3]],
-        cell=[7.5, 0, 0], pbc=[True, False, False],
+        "Cu3",
+        positions=[[0, 0, 0], [2.5, 0.4, 0], [5.0, 0, 0.3]],
+        cell=[7.5, 0, 0],
+        pbc=[True, False, False],
     )
-    structures = [primitive, triclinic, supercell, cluster, slab, cubic, bare_slab,
-                  wire, cubic.copy()]
+    structures = [
+        primitive,
+        triclinic,
+        supercell,
+        cluster,
+        slab,
+        cubic,
+        bare_slab,
+        wire,
+        cubic.copy(),
+    ]
     for atoms in structures:
         symbols = rng.choice(SPECIES, size=len(atoms))
         atoms.set_chemical_symbols(list(symbols))
@@ -184,12 +200,20 @@ def test_float32_runs_in_float32(model):
 
 def test_llpr_uncertainties_equal_the_calculators(llpr):
     structures = _structures()
-    properties = ("energy", "energies", "forces", "energy_uncertainty",
-                  "energies_uncertainty", "energy_ensemble", "forces_uncertainty",
-                  "forces_ensemble")
+    properties = (
+        "energy",
+        "energies",
+        "forces",
+        "energy_uncertainty",
+        "energies_uncertainty",
+        "energy_ensemble",
+        "forces_uncertainty",
+        "forces_ensemble",
+    )
     single = _one_by_one(llpr, structures, properties)
-    batched = evaluate(llpr, structures, batch_size=4, device="cpu",
-                       properties=[*properties, "stress"])
+    batched = evaluate(
+        llpr, structures, batch_size=4, device="cpu", properties=[*properties, "stress"]
+    )
     for result, expected in zip(batched, single, strict=True):
         expected = {k: v for k, v in expected.items() if k != "free_energy"}
         _assert_same(result, expected)
@@ -209,19 +233,40 @@ def test_llpr_default_properties_skip_ensemble_forces(llpr, tmp_path):
         _assert_same(result, expected)
     # the same through TorchScript, with the extra force-ensemble backward passes
     compile_model(llpr, tmp_path / "llpr.pt")
-    compiled = evaluate(tmp_path / "llpr.pt", structures, batch_size=3, device="cpu",
-                        properties=["energy_uncertainty", "forces_uncertainty"])
-    eager = evaluate(llpr, structures, batch_size=5, device="cpu",
-                     properties=["energy_uncertainty", "forces_uncertainty"])
+    compiled = evaluate(
+        tmp_path / "llpr.pt",
+        structures,
+        batch_size=3,
+        device="cpu",
+        properties=["energy_uncertainty", "forces_uncertainty"],
+    )
+    eager = evaluate(
+        llpr,
+        structures,
+        batch_size=5,
+        device="cpu",
+        properties=["energy_uncertainty", "forces_uncertainty"],
+    )
     for result, expected in zip(compiled, eager, strict=True):
         _assert_same(result, expected)
 
 
 def test_atoms_results_write_to_extxyz(llpr):
     structures = _structures()[2:5]
-    results = evaluate(llpr, structures, device="cpu", return_atoms=True,
-                       properties=["energy", "forces", "stress", "energy_uncertainty",
-                                   "energies_uncertainty", "forces_ensemble"])
+    results = evaluate(
+        llpr,
+        structures,
+        device="cpu",
+        return_atoms=True,
+        properties=[
+            "energy",
+            "forces",
+            "stress",
+            "energy_uncertainty",
+            "energies_uncertainty",
+            "forces_ensemble",
+        ],
+    )
     plain = evaluate(llpr, structures, device="cpu")
     assert all(a is not b for a, b in zip(results, structures, strict=True))
     assert structures[0].calc is None  # the inputs are not touched
@@ -237,7 +282,8 @@ def test_atoms_results_write_to_extxyz(llpr):
             expected["energy_uncertainty"], abs=1e-8
         )
         np.testing.assert_allclose(
-            atoms.arrays["energies_uncertainty"], expected["energies_uncertainty"],
+            atoms.arrays["energies_uncertainty"],
+            expected["energies_uncertainty"],
             atol=1e-8,
         )
         assert atoms.arrays["forces_ensemble"].shape == (len(atoms), 3 * MEMBERS)

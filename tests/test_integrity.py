@@ -179,7 +179,7 @@ def test_archives_before_seals_load_with_crc_checks(archive, tmp_path):
     # the same archive whose metadata claims a seal that is not there is damage
     stripped = tmp_path / "stripped.pt"
     data = archive.read_bytes()
-    stripped.write_bytes(data[:-72 - 2] + b"\x00\x00")
+    stripped.write_bytes(data[: -72 - 2] + b"\x00\x00")
     with pytest.raises(ModelFileError, match="missing or damaged"):
         load_artefact(stripped)
 

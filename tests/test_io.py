@@ -329,8 +329,15 @@ def test_a_deep_copied_nequip_round_trips(tmp_path):
     file stores weights only, so the copy loads as a fresh build would."""
     import copy
 
-    model = build_model("nequip", ["Cu"], r_max=4.0, l_max=2, num_layers=4,
-                        num_features=8, model_dtype="float64")
+    model = build_model(
+        "nequip",
+        ["Cu"],
+        r_max=4.0,
+        l_max=2,
+        num_layers=4,
+        num_features=8,
+        model_dtype="float64",
+    )
     copied = copy.deepcopy(model)
     assert any("_tensor_constant" in name for name in copied.state_dict())
     save_model(copied, tmp_path / "copy.safetensors")

@@ -42,8 +42,14 @@ TINY = {"soap": {"max_angular": 2, "max_radial": 2}}
 @pytest.fixture(scope="module")
 def model():
     """Tiny untrained Cu model, float64; energies ×100 for forces of ~0.5 eV/Å."""
-    return build_model("soap_bpnn", ["Cu"], **TINY, seed=0, model_dtype="float64",
-                       per_type_energy_scales=100.0)
+    return build_model(
+        "soap_bpnn",
+        ["Cu"],
+        **TINY,
+        seed=0,
+        model_dtype="float64",
+        per_type_energy_scales=100.0,
+    )
 
 
 def fcc(repeat=(2, 1, 1)) -> ase.Atoms:
@@ -81,8 +87,12 @@ def start_client(*args, **kwargs):
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("localhost:31415", ("localhost", 31415)), ("10.0.0.2:4000", ("10.0.0.2", 4000)),
-     ("node17", ("node17", 31415)), (" host:1 ", ("host", 1))],
+    [
+        ("localhost:31415", ("localhost", 31415)),
+        ("10.0.0.2:4000", ("10.0.0.2", 4000)),
+        ("node17", ("node17", 31415)),
+        (" host:1 ", ("host", 1)),
+    ],
 )
 def test_parse_address(text, expected):
     assert parse_address(text) == expected
@@ -90,11 +100,14 @@ def test_parse_address(text, expected):
 
 @pytest.mark.parametrize(
     "text, message",
-    [("localhost:port", "the port 'port' is not a whole number"),
-     ("localhost:70000", "port 70000 is not in 1-65535"),
-     ("localhost:0", "port 0 is not in 1-65535"),
-     (":31415", "expected HOST:PORT"), ("", "expected HOST:PORT"),
-     ("my host:1", "expected HOST:PORT")],
+    [
+        ("localhost:port", "the port 'port' is not a whole number"),
+        ("localhost:70000", "port 70000 is not in 1-65535"),
+        ("localhost:0", "port 0 is not in 1-65535"),
+        (":31415", "expected HOST:PORT"),
+        ("", "expected HOST:PORT"),
+        ("my host:1", "expected HOST:PORT"),
+    ],
 )
 def test_parse_address_errors(text, message):
     with pytest.raises(ValueError, match=message):
@@ -133,8 +146,9 @@ def test_serve_matches_the_calculator_through_ase_server(model):
     log = io.StringIO()
     rng = np.random.default_rng(0)
     with SocketIOCalculator(unixsocket=name) as server:
-        thread, out = start_client(calculator, atoms, unix=name, wait=30,
-                                   log=log, log_interval=2)
+        thread, out = start_client(
+            calculator, atoms, unix=name, wait=30, log=log, log_interval=2
+        )
         current = atoms.copy()
         current.calc = server
         for step in range(5):
@@ -142,8 +156,11 @@ def test_serve_matches_the_calculator_through_ase_server(model):
             if step == 2:
                 current.wrap()  # what i-PI sends with <ffsocket pbc='true'>
                 assert np.any(current.positions != atoms.positions + 0)
-            got = (current.get_potential_energy(), current.get_forces(),
-                   current.get_stress())
+            got = (
+                current.get_potential_energy(),
+                current.get_forces(),
+                current.get_stress(),
+            )
             expected = current.copy()
             expected.calc = reference
             assert got[0] == pytest.approx(expected.get_potential_energy(), abs=1e-10)
@@ -171,8 +188,9 @@ def test_serve_a_cluster(model):
     cluster.rattle(0.1, seed=2)
     name, log = unique_name(), io.StringIO()
     with SocketIOCalculator(unixsocket=name) as server:
-        thread, out = start_client(model, cluster, unix=name, device="cpu", wait=30,
-                                   log=log)
+        thread, out = start_client(
+            model, cluster, unix=name, device="cpu", wait=30, log=log
+        )
         current = cluster.copy()
         current.calc = server
         energy, forces = current.get_potential_energy(), current.get_forces()
@@ -189,8 +207,9 @@ def test_serve_a_cluster(model):
 def test_serve_over_inet_and_wrong_atom_count(model):
     port = free_port()
     with SocketIOCalculator(port=port) as server:
-        thread, out = start_client(model, fcc(), address=f"localhost:{port}",
-                                   device="cpu", wait=30)
+        thread, out = start_client(
+            model, fcc(), address=f"localhost:{port}", device="cpu", wait=30
+        )
         bigger = fcc((2, 2, 1))
         bigger.calc = server
         with pytest.raises((OSError, AssertionError)):  # the client hangs up
@@ -202,14 +221,21 @@ def test_serve_over_inet_and_wrong_atom_count(model):
 
 def test_serve_errors(model):
     with pytest.raises(UnknownSpeciesError, match="contains Ag"):
-        serve(model, ase.Atoms("CuAg", positions=[[0, 0, 0], [2, 0, 0]]),
-              unix=unique_name(), device="cpu")
+        serve(
+            model,
+            ase.Atoms("CuAg", positions=[[0, 0, 0], [2, 0, 0]]),
+            unix=unique_name(),
+            device="cpu",
+        )
     with pytest.raises(ValueError, match="exactly one"):
         serve(model, fcc(), device="cpu")
     name = unique_name()
     start = time.monotonic()
-    with pytest.raises(IPIError, match=rf"could not connect to i-PI at unix socket "
-                       rf"/tmp/ipi_{name} after waiting 0.3 s"):
+    with pytest.raises(
+        IPIError,
+        match=rf"could not connect to i-PI at unix socket "
+        rf"/tmp/ipi_{name} after waiting 0.3 s",
+    ):
         serve(model, fcc(), unix=name, device="cpu", wait=0.3)
     assert time.monotonic() - start >= 0.3
     with pytest.raises(IPIError, match=r"localhost:\d+ .*is i-PI running"):
@@ -230,25 +256,44 @@ def files(tmp_path, model):
     [
         ("cu.safetensors", [], "give one of --address HOST:PORT or --unix NAME"),
         ("cu.safetensors", ["--address", "a:1", "--unix", "x"], "give one of"),
-        ("cu.safetensors", ["--address", "localhost:port"],
-         "Invalid value for --address: bad i-PI address 'localhost:port'"),
+        (
+            "cu.safetensors",
+            ["--address", "localhost:port"],
+            "Invalid value for --address: bad i-PI address 'localhost:port'",
+        ),
         ("cu.safetensors", ["--address", "localhost:99999"], "not in 1-65535"),
-        ("cu.safetensors", ["--unix", "NAME", "--structure", "ag.xyz"],
-         "contains Ag, which this model does not know; its species are Cu"),
+        (
+            "cu.safetensors",
+            ["--unix", "NAME", "--structure", "ag.xyz"],
+            "contains Ag, which this model does not know; its species are Cu",
+        ),
         ("bad.safetensors", ["--unix", "NAME"], "bad.safetensors"),
         ("cu.safetensors", ["--unix", "NAME"], "could not connect to i-PI at unix"),
-        ("cu.safetensors", ["--unix", "NAME", "--structure", "cu.safetensors"],
-         "could not read frame 0 of"),
+        (
+            "cu.safetensors",
+            ["--unix", "NAME", "--structure", "cu.safetensors"],
+            "could not read frame 0 of",
+        ),
     ],
-    ids=["no-address", "two-addresses", "bad-port", "port-range", "unknown-element",
-         "bad-model", "no-server", "bad-structure"],
+    ids=[
+        "no-address",
+        "two-addresses",
+        "bad-port",
+        "port-range",
+        "unknown-element",
+        "bad-model",
+        "no-server",
+        "bad-structure",
+    ],
 )
 def test_cli_ipi_errors(files, model_file, extra, message):
     extra = [unique_name() if arg == "NAME" else arg for arg in extra]
     if "--structure" not in extra:
         extra += ["--structure", "cu.xyz"]
-    extra = [str(files / arg) if arg.endswith((".xyz", ".safetensors")) else arg
-             for arg in extra]
+    extra = [
+        str(files / arg) if arg.endswith((".xyz", ".safetensors")) else arg
+        for arg in extra
+    ]
     result = CliRunner().invoke(main, ["ipi", str(files / model_file), *extra])
     assert result.exit_code in (1, 2), result.output
     assert isinstance(result.exception, SystemExit)  # a click error, no traceback
@@ -256,8 +301,9 @@ def test_cli_ipi_errors(files, model_file, extra, message):
 
 
 def test_cli_ipi_needs_a_structure(files):
-    result = CliRunner().invoke(main, ["ipi", str(files / "cu.safetensors"),
-                                       "--address", "localhost:31415"])
+    result = CliRunner().invoke(
+        main, ["ipi", str(files / "cu.safetensors"), "--address", "localhost:31415"]
+    )
     assert result.exit_code == 2
     assert "Missing option '--structure'" in result.output
 
@@ -301,8 +347,9 @@ def wait_for_text(path: Path, text: str, process: subprocess.Popen, timeout: flo
         if process.poll() is not None:
             break
         time.sleep(0.05)
-    raise AssertionError(f"no {text!r} in {path}:\n"
-                         f"{path.read_text() if path.exists() else ''}")
+    raise AssertionError(
+        f"no {text!r} in {path}:\n{path.read_text() if path.exists() else ''}"
+    )
 
 
 def test_ipi_pimd_nvt_with_two_clients(model, tmp_path):
@@ -324,23 +371,48 @@ def test_ipi_pimd_nvt_with_two_clients(model, tmp_path):
     processes: list[subprocess.Popen] = []
     try:
         with open(tmp_path / "client.log", "w") as client_log:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "pes_calc.cli", "ipi",
-                 str(tmp_path / "cu.safetensors"), "--structure",
-                 str(tmp_path / "start.xyz"), "--unix", name, "--wait", "60",
-                 "--device", "cpu", "--threads", "1", "--log-interval", "10"],
-                stdout=client_log, stderr=subprocess.STDOUT, env=environment,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "pes_calc.cli",
+                        "ipi",
+                        str(tmp_path / "cu.safetensors"),
+                        "--structure",
+                        str(tmp_path / "start.xyz"),
+                        "--unix",
+                        name,
+                        "--wait",
+                        "60",
+                        "--device",
+                        "cpu",
+                        "--threads",
+                        "1",
+                        "--log-interval",
+                        "10",
+                    ],
+                    stdout=client_log,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                )
+            )
         # both clients wait for the socket, so both are there from the first step
         wait_for_text(tmp_path / "client.log", "waiting for i-PI", processes[0], 60)
         log = io.StringIO()
-        thread, out = start_client(model, start, unix=name, device="cpu",
-                                   wait=60, log=log)
+        thread, out = start_client(
+            model, start, unix=name, device="cpu", wait=60, log=log
+        )
         with open(tmp_path / "ipi.log", "w") as ipi_log:
-            processes.append(subprocess.Popen(
-                [sys.executable, str(ipi_script), "input.xml"], cwd=tmp_path,
-                stdout=ipi_log, stderr=subprocess.STDOUT, env=environment,
-            ))
+            processes.append(
+                subprocess.Popen(
+                    [sys.executable, str(ipi_script), "input.xml"],
+                    cwd=tmp_path,
+                    stdout=ipi_log,
+                    stderr=subprocess.STDOUT,
+                    env=environment,
+                )
+            )
         assert processes[1].wait(timeout=90) == 0, (tmp_path / "ipi.log").read_text()
         assert processes[0].wait(timeout=30) == 0, (tmp_path / "client.log").read_text()
         thread.join(30)
@@ -383,11 +455,13 @@ def test_ipi_pimd_nvt_with_two_clients(model, tmp_path):
             atoms.calc = reference
             energy = atoms.get_potential_energy()
             assert bead_energies[step, bead] == pytest.approx(energy, rel=1e-6)
-            np.testing.assert_allclose(forces[bead][step].get_forces(),
-                                       atoms.get_forces(), atol=1e-6)
+            np.testing.assert_allclose(
+                forces[bead][step].get_forces(), atoms.get_forces(), atol=1e-6
+            )
             stress_sum += atoms.get_stress()
         # i-PI's virial is the sum over beads of -V·σ, i.e. Σ_b -σ_b per volume
-        np.testing.assert_allclose(virials[step], -stress_sum[[0, 1, 2, 5, 4, 3]],
-                                   rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(
+            virials[step], -stress_sum[[0, 1, 2, 5, 4, 3]], rtol=1e-6, atol=1e-9
+        )
     # the beads differ: a path integral, not two copies of one structure
     assert np.abs(frames[0][-1].positions - frames[1][-1].positions).max() > 1e-4

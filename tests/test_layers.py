@@ -49,7 +49,7 @@ def _circle(graph: dict[str, set[str]]) -> list[str] | None:
         path.append(node)
         for target in sorted(graph[node]):
             if state.get(target) == 1:
-                return path[path.index(target):] + [target]
+                return path[path.index(target) :] + [target]
             if target not in state and (found := visit(target)):
                 return found
         path.pop()
@@ -86,5 +86,7 @@ def test_imports_inside_functions_are_optional_extras_only():
                     continue
                 for module in names:
                     if module.split(".")[0] not in OPTIONAL:
-                        hidden.append(f"{path.relative_to(ROOT)}:{inner.lineno} {module}")
+                        hidden.append(
+                            f"{path.relative_to(ROOT)}:{inner.lineno} {module}"
+                        )
     assert not hidden, "\n".join(hidden)

@@ -24,7 +24,11 @@ def model():
     dynamics to tell a right integrator from a wrong one; ×100 gives ~0.5 eV/Å.
     """
     return build_model(
-        "soap_bpnn", ["Cu"], **TINY, seed=0, model_dtype="float64",
+        "soap_bpnn",
+        ["Cu"],
+        **TINY,
+        seed=0,
+        model_dtype="float64",
         per_type_energy_scales=100.0,
     )
 
@@ -51,8 +55,8 @@ class ScaledForces(PESCalculator):
 
 def test_nve_conserves_energy(model):
     kwargs = dict(steps=50, timestep=1.0, temperature=300, seed=0, progress=False)
-    good = run_md(fcc(2), calc(model), **kwargs)
-    broken = run_md(fcc(2), ScaledForces(model, device="cpu"), **kwargs)
+    good = run_md(calc(model), fcc(2), **kwargs)
+    broken = run_md(ScaledForces(model, device="cpu"), fcc(2), **kwargs)
     print(
         f"NVE drift over 50 × 1 fs, 32 atoms, float64: {good.energy_drift_per_atom:.2e}"
         f" eV/atom (forces × 0.9: {broken.energy_drift_per_atom:.2e})"
@@ -66,8 +70,9 @@ def test_nve_conserves_energy(model):
 
 def test_nve_drift_scales_with_timestep_squared(model):
     drifts = [
-        run_md(fcc(2), calc(model), steps=int(40 / dt), timestep=dt, seed=0,
-               progress=False).energy_drift_per_atom
+        run_md(
+            calc(model), fcc(2), steps=int(40 / dt), timestep=dt, seed=0, progress=False
+        ).energy_drift_per_atom
         for dt in (1.0, 2.0)
     ]
     print(f"NVE drift 2 fs / 1 fs: {drifts[1] / drifts[0]:.1f}")
@@ -84,8 +89,15 @@ def test_langevin_heats_a_cold_lattice(model):
 
     atoms = fcc(2, rattle=0)
     summary = run_md(
-        atoms, calc(model), ensemble="nvt", temperature=300, friction=0.05,
-        steps=200, init_velocities=False, seed=0, progress=False,
+        calc(model),
+        atoms,
+        ensemble="nvt",
+        temperature=300,
+        friction=0.05,
+        steps=200,
+        init_velocities=False,
+        seed=0,
+        progress=False,
         observers=[record],
     )
     assert temperatures[0] == 0.0 and len(temperatures) == 201
@@ -102,8 +114,16 @@ def test_bussi_cools_a_hot_cell(model):
     atoms.set_momenta(rng.standard_normal((32, 3)) * np.sqrt(masses * units.kB * 1500))
     temperatures = []
     run_md(
-        atoms, calc(model), ensemble="nvt", thermostat="bussi", temperature=300,
-        tdamp=10.0, steps=150, init_velocities=False, seed=0, progress=False,
+        calc(model),
+        atoms,
+        ensemble="nvt",
+        thermostat="bussi",
+        temperature=300,
+        tdamp=10.0,
+        steps=150,
+        init_velocities=False,
+        seed=0,
+        progress=False,
         observers=[(lambda d: temperatures.append(d.atoms.get_temperature()), 5)],
     )
     assert temperatures[0] > 1000
@@ -112,17 +132,18 @@ def test_bussi_cools_a_hot_cell(model):
 
 def test_velocities_at_the_temperature_without_drift_or_spin(model):
     atoms = fcc(2)
-    run_md(atoms, calc(model), temperature=500, steps=0, seed=3, progress=False)
+    run_md(calc(model), atoms, temperature=500, steps=0, seed=3, progress=False)
     assert atoms.get_temperature() == pytest.approx(500)
     assert np.allclose(atoms.get_momenta().sum(axis=0), 0, atol=1e-10)
-    cluster = ase.Atoms("Cu4", positions=[[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0],
-                                          [0.3, 0.2, 2.4]])
-    run_md(cluster, calc(model), ensemble="nvt", steps=0, seed=3, progress=False)
+    cluster = ase.Atoms(
+        "Cu4", positions=[[0, 0, 0], [2.5, 0, 0], [0, 2.5, 0], [0.3, 0.2, 2.4]]
+    )
+    run_md(calc(model), cluster, ensemble="nvt", steps=0, seed=3, progress=False)
     assert cluster.get_temperature() == pytest.approx(300)
     assert np.allclose(cluster.get_angular_momentum(), 0, atol=1e-10)
     # same seed, same velocities
     again = fcc(2)
-    run_md(again, calc(model), temperature=500, steps=0, seed=3, progress=False)
+    run_md(calc(model), again, temperature=500, steps=0, seed=3, progress=False)
     assert np.array_equal(again.get_momenta(), atoms.get_momenta())
 
 
@@ -139,8 +160,15 @@ def test_npt_changes_the_volume(model, monkeypatch, tmp_path, fallback):
         atoms = fcc(1)
         start = atoms.get_volume()
         summary = run_md(
-            atoms, calc(model), ensemble="npt", pressure=pressure, steps=30, seed=0,
-            progress=False, log=tmp_path / f"{pressure}.log", log_interval=10,
+            calc(model),
+            atoms,
+            ensemble="npt",
+            pressure=pressure,
+            steps=30,
+            seed=0,
+            progress=False,
+            log=tmp_path / f"{pressure}.log",
+            log_interval=10,
         )
         assert summary.steps == 30
         assert np.isfinite(summary.final_volume)
@@ -156,9 +184,17 @@ def test_npt_changes_the_volume(model, monkeypatch, tmp_path, fallback):
 def test_trajectory_and_log_files(model, tmp_path):
     for trajectory, log in (("md.traj", "md.log"), ("md.xyz", "md.csv")):
         summary = run_md(
-            fcc(1), calc(model), ensemble="nvt", steps=20, timestep=2.0, seed=0,
-            progress=False, trajectory=tmp_path / trajectory, trajectory_interval=5,
-            log=tmp_path / log, log_interval=4,
+            calc(model),
+            fcc(1),
+            ensemble="nvt",
+            steps=20,
+            timestep=2.0,
+            seed=0,
+            progress=False,
+            trajectory=tmp_path / trajectory,
+            trajectory_interval=5,
+            log=tmp_path / log,
+            log_interval=4,
         )
         frames = ase.io.read(tmp_path / trajectory, ":")
         assert len(frames) == 5  # steps 0, 5, 10, 15, 20
@@ -188,9 +224,14 @@ def test_observers_and_stop(model, tmp_path):
             raise StopMD("uncertainty too high at step 7")
 
     summary = run_md(
-        fcc(1), calc(model), steps=20, seed=0, progress=True,
+        calc(model),
+        fcc(1),
+        steps=20,
+        seed=0,
+        progress=True,
         observers=[stop_at_seven, (lambda d: calls.append(("every 3", d.nsteps)), 3)],
-        trajectory=tmp_path / "t.traj", trajectory_interval=7,
+        trajectory=tmp_path / "t.traj",
+        trajectory_interval=7,
     )
     every_3 = [step for name, step in calls if name == "every 3"]
     assert every_3 == [0, 3, 6]  # step 7 stopped the run before this observer
@@ -206,19 +247,19 @@ def test_observers_and_stop(model, tmp_path):
 def test_bad_arguments(model):
     cluster = ase.Atoms("Cu2", positions=[[0, 0, 0], [2.5, 0, 0]])
     with pytest.raises(ValueError, match="npt needs a cell that is periodic"):
-        run_md(cluster, calc(model), ensemble="npt", steps=1, progress=False)
+        run_md(calc(model), cluster, ensemble="npt", steps=1, progress=False)
     slab = fcc(1)
     slab.pbc = [True, True, False]
     with pytest.raises(ValueError, match="npt needs"):
-        run_md(slab, calc(model), ensemble="npt", steps=1, progress=False)
+        run_md(calc(model), slab, ensemble="npt", steps=1, progress=False)
     with pytest.raises(ValueError, match="unknown ensemble"):
-        run_md(fcc(1), calc(model), ensemble="nph", progress=False)
+        run_md(calc(model), fcc(1), ensemble="nph", progress=False)
     with pytest.raises(ValueError, match="unknown thermostat"):
-        run_md(fcc(1), calc(model), ensemble="nvt", thermostat="berendsen")
+        run_md(calc(model), fcc(1), ensemble="nvt", thermostat="berendsen")
     with pytest.raises(ValueError, match="Ag, which this model does not know"):
-        run_md(fcc(1) + ase.Atoms("Ag", [[1, 1, 1]]), calc(model), progress=False)
+        run_md(calc(model), fcc(1) + ase.Atoms("Ag", [[1, 1, 1]]), progress=False)
     with pytest.raises(ValueError, match=r"\.traj, \.xyz or \.extxyz"):
-        run_md(fcc(1), calc(model), steps=1, trajectory="x.pdb", progress=False)
+        run_md(calc(model), fcc(1), steps=1, trajectory="x.pdb", progress=False)
 
 
 @pytest.fixture
@@ -234,12 +275,33 @@ def files(tmp_path):
 
 def test_cli_md(files):
     runner = CliRunner()
-    result = runner.invoke(main, [
-        "md", str(files / "cu.safetensors"), str(files / "cu.xyz"), "--index", "-1",
-        "--ensemble", "nvt", "--steps", "10", "--temperature", "500", "--seed", "1",
-        "--dtype", "float64", "--trajectory", str(files / "md.xyz"),
-        "--trajectory-interval", "5", "--log", str(files / "md.log"), "--quiet",
-    ])
+    result = runner.invoke(
+        main,
+        [
+            "md",
+            str(files / "cu.safetensors"),
+            str(files / "cu.xyz"),
+            "--index",
+            "-1",
+            "--ensemble",
+            "nvt",
+            "--steps",
+            "10",
+            "--temperature",
+            "500",
+            "--seed",
+            "1",
+            "--dtype",
+            "float64",
+            "--trajectory",
+            str(files / "md.xyz"),
+            "--trajectory-interval",
+            "5",
+            "--log",
+            str(files / "md.log"),
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "nvt MD: 32 atoms, 10/10 steps of 1 fs" in result.output
     assert "ms/step" in result.output and "final temperature" in result.output
@@ -247,8 +309,17 @@ def test_cli_md(files):
     assert np.loadtxt(files / "md.log").shape == (2, 6)
 
     result = runner.invoke(
-        main, ["md", str(files / "cu.safetensors"), str(files / "cu.xyz"),
-               "--steps", "5", "--quiet", "--threads", "1"]
+        main,
+        [
+            "md",
+            str(files / "cu.safetensors"),
+            str(files / "cu.xyz"),
+            "--steps",
+            "5",
+            "--quiet",
+            "--threads",
+            "1",
+        ],
     )
     assert result.exit_code == 0, result.output
     assert "nve MD: 4 atoms" in result.output and "energy drift" in result.output
@@ -257,11 +328,22 @@ def test_cli_md(files):
 def test_cli_md_compiled_model(files):
     compiled = files / "cu.pt"
     runner = CliRunner()
-    result = runner.invoke(main, ["compile", str(files / "cu.safetensors"),
-                                  "-o", str(compiled)])
+    result = runner.invoke(
+        main, ["compile", str(files / "cu.safetensors"), "-o", str(compiled)]
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(main, ["md", str(compiled), str(files / "cu.xyz"),
-                                  "--ensemble", "npt", "--steps", "5"])
+    result = runner.invoke(
+        main,
+        [
+            "md",
+            str(compiled),
+            str(files / "cu.xyz"),
+            "--ensemble",
+            "npt",
+            "--steps",
+            "5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "npt MD: 4 atoms, 5/5 steps" in result.output
     assert "final volume" in result.output
@@ -270,10 +352,18 @@ def test_cli_md_compiled_model(files):
 @pytest.mark.parametrize(
     "model_file, structure, extra, message",
     [
-        ("cu.safetensors", "cuag.xyz", [],
-         "contains Ag, which this model does not know; its species are Cu"),
-        ("cu.safetensors", "cluster.xyz", ["--ensemble", "npt"],
-         "npt needs a cell that is periodic in all three directions"),
+        (
+            "cu.safetensors",
+            "cuag.xyz",
+            [],
+            "contains Ag, which this model does not know; its species are Cu",
+        ),
+        (
+            "cu.safetensors",
+            "cluster.xyz",
+            ["--ensemble", "npt"],
+            "npt needs a cell that is periodic in all three directions",
+        ),
         ("bad.safetensors", "cu.xyz", [], "bad.safetensors"),
         ("cu.safetensors", "cu.safetensors", [], "could not read frame 0 of"),
         ("cu.safetensors", "cu.xyz", ["--index", "5"], "could not read frame 5"),
@@ -282,9 +372,24 @@ def test_cli_md_compiled_model(files):
 )
 def test_cli_md_errors(files, model_file, structure, extra, message):
     result = CliRunner().invoke(
-        main, ["md", str(files / model_file), str(files / structure), "--steps", "2",
-               "--quiet", *extra],
+        main,
+        [
+            "md",
+            str(files / model_file),
+            str(files / structure),
+            "--steps",
+            "2",
+            "--quiet",
+            *extra,
+        ],
     )
     assert result.exit_code == 1
     assert isinstance(result.exception, SystemExit)  # a ClickException, no traceback
     assert message in result.output
+
+
+def test_the_old_argument_order_still_runs_with_a_warning(model):
+    atoms = fcc(1)
+    with pytest.warns(DeprecationWarning, match="pass the model first"):
+        summary = run_md(atoms, calc(model), steps=2, seed=0, progress=False)
+    assert summary.steps == 2 and atoms.calc is not None

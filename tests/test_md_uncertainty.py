@@ -21,7 +21,9 @@ from pes_calc.train.llpr import wrap
 
 HYPERS = {
     "soap": {
-        "max_angular": 2, "max_radial": 2, "cutoff": {"radius": 4.0, "width": 0.5}
+        "max_angular": 2,
+        "max_radial": 2,
+        "cutoff": {"radius": 4.0, "width": 0.5},
     },
     "bpnn": {"num_neurons_per_layer": 8},
 }
@@ -39,8 +41,9 @@ def llpr_of(model, members):
         labels = extract_labels(structures, LabelKeys())
         return labelled_graphs(structures, labels, ["Cu"], model.cutoff)
 
-    return wrap(model, members, graphs(emt_structures(12, 0)),
-                graphs(emt_structures(4, 1)))
+    return wrap(
+        model, members, graphs(emt_structures(12, 0)), graphs(emt_structures(4, 1))
+    )
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +60,16 @@ def cell():
 
 def md(model, observers, steps=STEPS, **kwargs):
     """A seeded 4-atom NVE run at 600 K (same trajectory for the same checks)."""
-    return run_md(cell(), PESCalculator(model, device="cpu"), steps=steps, seed=0,
-                  temperature=600, progress=False, observers=observers, **kwargs)
+    return run_md(
+        PESCalculator(model, device="cpu"),
+        cell(),
+        steps=steps,
+        seed=0,
+        temperature=600,
+        progress=False,
+        observers=observers,
+        **kwargs,
+    )
 
 
 def measured(history, measure):
@@ -184,8 +195,9 @@ def test_record_mode(llpr, reference, tmp_path):
         assert np.allclose(atoms.positions, structures[step].positions, atol=1e-12)
         energy = reference_calc.get_potential_energy(structures[step])
         assert atoms.get_potential_energy() == pytest.approx(energy, rel=1e-9)
-        assert np.allclose(atoms.get_forces(),
-                           reference_calc.get_forces(structures[step]), atol=1e-9)
+        assert np.allclose(
+            atoms.get_forces(), reference_calc.get_forces(structures[step]), atol=1e-9
+        )
         assert frame.info["step"] == step
         assert frame.info["uncertainty"] == pytest.approx(values[step], rel=1e-9)
         assert np.allclose(frame.positions, atoms.positions, atol=1e-6)
@@ -197,8 +209,9 @@ def test_needs_an_llpr_model():
     plain = small_model()
     for calc in (PESCalculator(plain, device="cpu"), EMT()):
         with pytest.raises(PropertyNotImplementedError, match="needs an LLPR model"):
-            run_md(cell(), calc, steps=2, progress=False,
-                   observers=[UncertaintyWatch(1.0)])
+            run_md(
+                calc, cell(), steps=2, progress=False, observers=[UncertaintyWatch(1.0)]
+            )
     # without ensemble members there is no force uncertainty; energy still works
     no_ensemble = llpr_of(small_model(), 0)
     with pytest.raises(PropertyNotImplementedError, match="with ensemble members"):
@@ -208,8 +221,9 @@ def test_needs_an_llpr_model():
     assert summary.completed and watch.num_checks == 3
     assert all(math.isnan(force) and energy > 0 for _, energy, force in watch.history)
     # no watch, no uncertainty fields
-    summary = run_md(cell(), PESCalculator(plain, device="cpu"), steps=0,
-                     progress=False)
+    summary = run_md(
+        PESCalculator(plain, device="cpu"), cell(), steps=0, progress=False
+    )
     assert summary.max_uncertainty_seen is None and summary.uncertainty_measure is None
     assert "uncertainty" not in str(summary)
 
@@ -234,8 +248,16 @@ def test_bad_arguments(kwargs, message):
 def test_cli_md_max_uncertainty(llpr, tmp_path):
     save_model(llpr, tmp_path / "llpr.safetensors")
     ase.io.write(tmp_path / "cu.xyz", cell())
-    base = ["md", str(tmp_path / "llpr.safetensors"), str(tmp_path / "cu.xyz"),
-            "--quiet", "--seed", "0", "--steps", "4"]
+    base = [
+        "md",
+        str(tmp_path / "llpr.safetensors"),
+        str(tmp_path / "cu.xyz"),
+        "--quiet",
+        "--seed",
+        "0",
+        "--steps",
+        "4",
+    ]
     runner = CliRunner()
     # every structure is over 0: stop at step 0
     result = runner.invoke(main, [*base, "--max-uncertainty", "0"])
@@ -246,11 +268,24 @@ def test_cli_md_max_uncertainty(llpr, tmp_path):
 
     run = tmp_path / "run"
     run.mkdir()
-    result = runner.invoke(main, [
-        *base, "--max-uncertainty", "0", "--on-uncertain", "record",
-        "--uncertainty-interval", "2", "--uncertainty-measure", "energy",
-        "--trajectory", str(run / "md.xyz"), "--uncertainty-log", str(run / "u.log"),
-    ])
+    result = runner.invoke(
+        main,
+        [
+            *base,
+            "--max-uncertainty",
+            "0",
+            "--on-uncertain",
+            "record",
+            "--uncertainty-interval",
+            "2",
+            "--uncertainty-measure",
+            "energy",
+            "--trajectory",
+            str(run / "md.xyz"),
+            "--uncertainty-log",
+            str(run / "u.log"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "4/4 steps" in result.output
     assert "3 structures appended to" in result.output
@@ -268,17 +303,27 @@ def test_cli_md_max_uncertainty(llpr, tmp_path):
     "extra, message",
     [
         (["--max-uncertainty", "0.1"], "--max-uncertainty needs an LLPR model"),
-        (["--uncertainty-log", "u.log", "--uncertainty-interval", "5"],
-         "--uncertainty-interval, --uncertainty-log need an LLPR model"),
+        (
+            ["--uncertainty-log", "u.log", "--uncertainty-interval", "5"],
+            "--uncertainty-interval, --uncertainty-log need an LLPR model",
+        ),
         (["--on-uncertain", "record"], "--on-uncertain needs --max-uncertainty"),
     ],
 )
 def test_cli_md_uncertainty_errors(tmp_path, extra, message):
     save_model(small_model(), tmp_path / "plain.safetensors")
     ase.io.write(tmp_path / "cu.xyz", cell())
-    result = CliRunner().invoke(main, [
-        "md", str(tmp_path / "plain.safetensors"), str(tmp_path / "cu.xyz"),
-        "--steps", "2", "--quiet", *extra,
-    ])
+    result = CliRunner().invoke(
+        main,
+        [
+            "md",
+            str(tmp_path / "plain.safetensors"),
+            str(tmp_path / "cu.xyz"),
+            "--steps",
+            "2",
+            "--quiet",
+            *extra,
+        ],
+    )
     assert result.exit_code == 2, result.output  # a usage error, no traceback
     assert message in result.output

@@ -26,8 +26,12 @@ SHIPPED = {
 @pytest.fixture(params=sorted(SHIPPED), ids=sorted(SHIPPED))
 def shipped(request):
     path = ROOT / "models" / f"{request.param}.safetensors"
-    assert path.exists(), f"{path} is missing: python scripts/train_models.py --only {request.param}"
-    assert (ROOT / "models" / f"{request.param}.yaml").exists(), "its config must ship too"
+    assert path.exists(), (
+        f"{path} is missing: python scripts/train_models.py --only {request.param}"
+    )
+    assert (ROOT / "models" / f"{request.param}.yaml").exists(), (
+        "its config must ship too"
+    )
     return request.param, path
 
 
@@ -40,7 +44,9 @@ def test_model_is_accurate_on_its_test_set(shipped):
     # "real" models: force errors well below the forces themselves
     assert test["forces_rmse"] < 0.2 * force_scale
     assert test["energy_per_atom_rmse"] < 0.02  # eV/atom
-    assert metadata["training_data_stats"]["forces_rms"] == pytest.approx(force_scale, rel=0.1)
+    assert metadata["training_data_stats"]["forces_rms"] == pytest.approx(
+        force_scale, rel=0.1
+    )
 
 
 def test_nve_md_conserves_energy(shipped):
@@ -50,9 +56,14 @@ def test_nve_md_conserves_energy(shipped):
     atoms.calc = None
     torch.manual_seed(0)
     summary = run_md(
-        atoms, PESCalculator(load_model(path), device="cpu"), ensemble="nve",
-        temperature=300.0, steps=steps, timestep=timestep,
-        progress=False, seed=0,
+        PESCalculator(load_model(path), device="cpu"),
+        atoms,
+        ensemble="nve",
+        temperature=300.0,
+        steps=steps,
+        timestep=timestep,
+        progress=False,
+        seed=0,
     )
     print(name, f"max |E(t) - E(0)| / N = {summary.energy_drift_per_atom:.2e} eV/atom")
     # Verlet's bounded energy error for these steps is 3e-5 to 7e-5 eV/atom (it

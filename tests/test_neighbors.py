@@ -84,7 +84,9 @@ def _edge_set(edge_index, shifts) -> set:
     assert np.all(shifts == np.round(shifts)), "cell shifts must be integers"
     return {
         (int(i), int(j), tuple(int(s) for s in shift))
-        for i, j, shift in zip(edge_index[0], edge_index[1], shifts.round().astype(int))
+        for i, j, shift in zip(
+            edge_index[0], edge_index[1], shifts.round().astype(int), strict=True
+        )
     }
 
 

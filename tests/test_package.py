@@ -27,7 +27,10 @@ def _run(script: str, **env_changes: str | None) -> str:
         if value is not None:
             env[name] = value
     result = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True,
+        [sys.executable, "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
         check=True,
     )
     return result.stdout.strip()
@@ -95,8 +98,13 @@ def test_building_a_float64_model_leaves_the_default_dtype_and_other_threads():
     thread.start()
     try:
         model = build_model(
-            "nequip", ["Cu"], num_layers=1, l_max=1, num_features=4,
-            model_dtype="float32", seed=0,
+            "nequip",
+            ["Cu"],
+            num_layers=1,
+            l_max=1,
+            num_features=4,
+            model_dtype="float32",
+            seed=0,
         )
     finally:
         stop.set()

@@ -18,7 +18,10 @@ SOAP = {"max_angular": 2, "max_radial": 2}
 BPNN = {"num_hidden_layers": 1, "num_neurons_per_layer": 8}
 SMALL_NEQUIP = {"r_max": 4.0, "num_layers": 2, "num_features": 8, "l_max": 1}
 SMALL_ALLEGRO = {
-    "r_max": 4.0, "num_scalar_features": 16, "num_tensor_features": 4, "l_max": 1,
+    "r_max": 4.0,
+    "num_scalar_features": 16,
+    "num_tensor_features": 4,
+    "l_max": 1,
 }
 # an untrained model gives small numbers; scale them so that comparisons mean something
 SCALES = [20.0, 30.0]
@@ -28,7 +31,12 @@ SHIFTS = [-3.5, -1.25]
 def _soap(**hypers) -> Potential:
     hypers = {"per_type_energy_scales": SCALES, **hypers}
     return build_model(
-        "soap_bpnn", SPECIES, soap=SOAP, bpnn=BPNN, model_dtype="float64", seed=0,
+        "soap_bpnn",
+        SPECIES,
+        soap=SOAP,
+        bpnn=BPNN,
+        model_dtype="float64",
+        seed=0,
         **hypers,
     )
 
@@ -219,8 +227,9 @@ def test_stress_alone_matches_stress_with_forces(model):
     graph = _graph(bulk(), model)
     both = model(graph)
     alone = model(graph, compute_forces=False)
-    torch.testing.assert_close(alone[keys.STRESS], both[keys.STRESS], rtol=1e-12,
-                               atol=1e-14)
+    torch.testing.assert_close(
+        alone[keys.STRESS], both[keys.STRESS], rtol=1e-12, atol=1e-14
+    )
 
 
 def test_energy_only_model(model):
@@ -272,8 +281,9 @@ def test_forces_are_minus_energy_gradient(model, structure):
 
 def test_stress_is_strain_derivative_over_volume(model):
     atoms = bulk()
-    atoms.set_cell(atoms.cell.array @ [[1, 0.05, 0], [0, 1, 0.03], [-0.02, 0, 1]],
-                   scale_atoms=True)  # triclinic, so shear components are not zero
+    atoms.set_cell(
+        atoms.cell.array @ [[1, 0.05, 0], [0, 1, 0.03], [-0.02, 0, 1]], scale_atoms=True
+    )  # triclinic, so shear components are not zero
     stress = _outputs(model, atoms)[keys.STRESS][0]
     assert stress.shape == (3, 3)
     np.testing.assert_array_equal(stress, stress.T)

@@ -209,7 +209,11 @@ def test_as_atoms_basic_properties_in_a_single_point_calculator():
     np.testing.assert_array_equal(stored.get_potential_energies(), [1.0, 1.5, 2.0])
     np.testing.assert_array_equal(stored.positions, atoms.positions)
     assert set(stored.calc.results) == {
-        "energy", "free_energy", "energies", "forces", "stress"
+        "energy",
+        "free_energy",
+        "energies",
+        "forces",
+        "stress",
     }
 
 

@@ -84,10 +84,19 @@ from pes_calc.active.loop import run_active_learning
 from pes_calc.active.report import RoundReport, format_table
 
 __all__ = [
-    "FINGERPRINT_CUTOFF", "FINGERPRINT_NEIGHBORS", "fingerprint", "label_structure",
+    "FINGERPRINT_CUTOFF",
+    "FINGERPRINT_NEIGHBORS",
+    "fingerprint",
+    "label_structure",
     "select",
-    "DEFAULTS", "RETRAIN_MODES", "TRAINING_KEYS", "ActiveLearningConfigError",
-    "load_config", "normalise", "reference_factory",
+    "DEFAULTS",
+    "RETRAIN_MODES",
+    "TRAINING_KEYS",
+    "ActiveLearningConfigError",
+    "load_config",
+    "normalise",
+    "reference_factory",
     "run_active_learning",
-    "RoundReport", "format_table",
+    "RoundReport",
+    "format_table",
 ]

@@ -18,8 +18,15 @@ from pes_calc.md import ENSEMBLES, UNCERTAINTY_MEASURES
 from pes_calc.train import TrainingConfigError, normalise_config
 
 __all__ = [
-    "DEFAULTS", "RETRAIN_MODES", "TRAINING_KEYS", "ActiveLearningConfigError",
-    "base_config", "llpr_config", "load_config", "normalise", "reference_factory",
+    "DEFAULTS",
+    "RETRAIN_MODES",
+    "TRAINING_KEYS",
+    "ActiveLearningConfigError",
+    "base_config",
+    "llpr_config",
+    "load_config",
+    "normalise",
+    "reference_factory",
     "structure_files",
 ]
 
@@ -27,12 +34,26 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "reference": {"calculator": None, "kwargs": {}},
     "retrain": {"mode": "finetune", "training": {}},
     "llpr": {"model": {"num_ensemble_members": {"energy": 8}}, "training": {}},
-    "md": {"structures": None, "temperatures": None, "steps": 1000, "timestep": 1.0,
-           "ensemble": "nvt", "interval": 10, "thermostat": "langevin",
-           "friction": 0.01, "log_interval": 10, "stop_uncertainty": None},
-    "selection": {"max_uncertainty": None, "measure": "forces", "max_per_round": 20,
-                  "max_per_run": None, "min_separation_steps": 50,
-                  "duplicate_tolerance": 0.01},
+    "md": {
+        "structures": None,
+        "temperatures": None,
+        "steps": 1000,
+        "timestep": 1.0,
+        "ensemble": "nvt",
+        "interval": 10,
+        "thermostat": "langevin",
+        "friction": 0.01,
+        "log_interval": 10,
+        "stop_uncertainty": None,
+    },
+    "selection": {
+        "max_uncertainty": None,
+        "measure": "forces",
+        "max_per_round": 20,
+        "max_per_run": None,
+        "min_separation_steps": 50,
+        "duplicate_tolerance": 0.01,
+    },
     "budget": {"max_rounds": 5, "max_labels": None},
 }
 TRAINING_KEYS = ("seed", "device", "data", "architecture")
@@ -59,15 +80,17 @@ def load_config(path: str | os.PathLike) -> dict[str, Any]:
         return load_yaml(path)
 
 
-def normalise(config: Mapping[str, Any]) -> dict[str, Any]:
-    """``config`` with `DEFAULTS` filled in and checked; unknown keys are errors."""
-    config = copy.deepcopy(dict(config))
+def normalise(given: Mapping[str, Any]) -> dict[str, Any]:
+    """``given`` with `DEFAULTS` filled in and checked; unknown keys are errors."""
+    config: dict[str, Any] = copy.deepcopy(dict(given))
     with _as_active_learning_error():
         check_keys(config, set(TRAINING_KEYS) | set(DEFAULTS), "top-level")
     if isinstance(config.get("retrain"), str):
         config["retrain"] = {"mode": config["retrain"]}
-    out: dict[str, Any] = {"seed": int(config.get("seed", 0)),
-                           "device": str(config.get("device", "cpu"))}
+    out: dict[str, Any] = {
+        "seed": int(config.get("seed", 0)),
+        "device": str(config.get("device", "cpu")),
+    }
     for name in ("data", "architecture"):
         if not isinstance(config.get(name), Mapping):
             raise ActiveLearningConfigError(f"the config needs a {name!r} section")
@@ -81,14 +104,17 @@ def normalise(config: Mapping[str, Any]) -> dict[str, Any]:
 
 # values that must be > 0: (section, key, an integer?, may be null?)
 _POSITIVE = (
-    ("md", "steps", True, False), ("md", "interval", True, False),
-    ("md", "log_interval", True, False), ("md", "timestep", False, False),
+    ("md", "steps", True, False),
+    ("md", "interval", True, False),
+    ("md", "log_interval", True, False),
+    ("md", "timestep", False, False),
     ("md", "stop_uncertainty", False, True),
     ("selection", "max_uncertainty", False, False),
     ("selection", "max_per_round", True, False),
     ("selection", "max_per_run", True, True),
     ("selection", "min_separation_steps", True, False),
-    ("budget", "max_rounds", True, False), ("budget", "max_labels", True, True),
+    ("budget", "max_rounds", True, False),
+    ("budget", "max_labels", True, True),
 )
 
 
@@ -117,20 +143,24 @@ def _check(config: dict[str, Any]) -> None:
             continue
         raise ActiveLearningConfigError(
             f"{section}.{key} must be {'an integer' if integer else 'a number'} > 0"
-            f"{' or null' if nullable else ''}, got {value!r}")
+            f"{' or null' if nullable else ''}, got {value!r}"
+        )
     if selection["measure"] not in UNCERTAINTY_MEASURES:
         raise ActiveLearningConfigError(
-            f"selection.measure must be one of {tuple(UNCERTAINTY_MEASURES)}")
+            f"selection.measure must be one of {tuple(UNCERTAINTY_MEASURES)}"
+        )
     members = config["llpr"]["model"].get("num_ensemble_members", {}).get("energy", 0)
     if selection["measure"] == "forces" and not members:
         raise ActiveLearningConfigError(
-            "selection.measure forces needs llpr.model.num_ensemble_members.energy"
-            " ≥ 1")
+            "selection.measure forces needs llpr.model.num_ensemble_members.energy ≥ 1"
+        )
     if md["ensemble"] not in ENSEMBLES:
         raise ActiveLearningConfigError(f"md.ensemble must be one of {ENSEMBLES}")
     temperatures = md["temperatures"]
-    if not isinstance(temperatures, list) or not temperatures or not all(
-        _is_number(t) and t >= 0 for t in temperatures
+    if (
+        not isinstance(temperatures, list)
+        or not temperatures
+        or not all(_is_number(t) and t >= 0 for t in temperatures)
     ):
         raise ActiveLearningConfigError("md.temperatures must be a list of K ≥ 0")
     if not isinstance(md["structures"], list) or not md["structures"]:
@@ -151,19 +181,21 @@ def reference_factory(spec: Any) -> Any:
     if not isinstance(spec, str) or not spec.strip():
         raise ActiveLearningConfigError(
             "reference.calculator must name an ASE calculator class, e.g. "
-            "'ase.calculators.emt:EMT' or 'tblite.ase:TBLite'")
+            "'ase.calculators.emt:EMT' or 'tblite.ase:TBLite'"
+        )
     module_name, _, name = spec.partition(":") if ":" in spec else spec.rpartition(".")
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
         raise ActiveLearningConfigError(
             f"reference.calculator {spec!r}: cannot import {module_name!r} ({error}); "
-            "install the package that provides it") from error
+            "install the package that provides it"
+        ) from error
     factory = getattr(module, name, None)
     if not callable(factory):
         raise ActiveLearningConfigError(
-            f"reference.calculator {spec!r}: module {module_name} has no class "
-            f"{name!r}")
+            f"reference.calculator {spec!r}: module {module_name} has no class {name!r}"
+        )
     return factory
 
 
@@ -180,7 +212,9 @@ def structure_files(patterns: list[str]) -> list[str]:
 
 
 def base_config(
-    config: Mapping[str, Any], round_: int, train_file: str | os.PathLike,
+    config: Mapping[str, Any],
+    round_: int,
+    train_file: str | os.PathLike,
     previous_model: str | os.PathLike,
 ) -> dict[str, Any]:
     """The ``pes-calc train`` config of round ``round_`` (no test set: the LLPR
@@ -194,17 +228,25 @@ def base_config(
             training["finetune"] = {"read_from": str(previous_model)}
     section["training"] = training
     data = {k: v for k, v in config["data"].items() if k != "test"}
-    return {"seed": config["seed"], "device": config["device"],
-            "data": {**data, "train": str(train_file)}, "architecture": section}
+    return {
+        "seed": config["seed"],
+        "device": config["device"],
+        "data": {**data, "train": str(train_file)},
+        "architecture": section,
+    }
 
 
 def llpr_config(
-    config: Mapping[str, Any], train_file: str | os.PathLike,
+    config: Mapping[str, Any],
+    train_file: str | os.PathLike,
     base_model: str | os.PathLike,
 ) -> dict[str, Any]:
     """The ``pes-calc train`` config of the llpr run wrapping ``base_model``."""
     llpr = copy.deepcopy(config["llpr"])
     llpr["training"]["model_checkpoint"] = str(base_model)
-    return {"seed": config["seed"], "device": config["device"],
-            "data": {**config["data"], "train": str(train_file)},
-            "architecture": {"name": "llpr", **llpr}}
+    return {
+        "seed": config["seed"],
+        "device": config["device"],
+        "data": {**config["data"], "train": str(train_file)},
+        "architecture": {"name": "llpr", **llpr},
+    }

@@ -35,8 +35,13 @@ class Exploration:
     ``round_dir``; progress lines through ``say``); a run whose summary is on
     disk is not run again."""
 
-    def __init__(self, config: dict[str, Any], round_dir: Path, round_: int,
-                 say: Callable[[str], None]):
+    def __init__(
+        self,
+        config: dict[str, Any],
+        round_dir: Path,
+        round_: int,
+        say: Callable[[str], None],
+    ):
         self.config, self.dir, self.round, self.say = config, round_dir, round_, say
 
     def run(self) -> list[dict[str, Any]]:
@@ -68,28 +73,43 @@ class Exploration:
                 stem = Path(path).stem + (f"-{number}" if len(frames) > 1 else "")
                 yield f"{stem}-{temperature:g}K", atoms, temperature
 
-    def md_run(self, md_dir: Path, name: str, atoms: ase.Atoms, temperature: float,
-               index: int) -> None:
+    def md_run(
+        self, md_dir: Path, name: str, atoms: ase.Atoms, temperature: float, index: int
+    ) -> None:
         """Run ``name`` (the ``index``-th of the round, at ``temperature`` K):
         ``NAME.log``, ``NAME-uncertainty.csv``, its candidates in ``NAME.xyz``
         and, last (it marks the run done), its summary ``NAME.json``."""
         md, selection = self.config["md"], self.config["selection"]
         device = None if self.config["device"] == "auto" else self.config["device"]
         watch = UncertaintyWatch(
-            selection["max_uncertainty"], measure=selection["measure"],
-            on_uncertain="record", log=md_dir / f"{name}-uncertainty.csv",
-            interval=md["interval"])
-        observers = [watch, (_StopAbove(watch, md["stop_uncertainty"]), md["interval"])]
+            selection["max_uncertainty"],
+            measure=selection["measure"],
+            on_uncertain="record",
+            log=md_dir / f"{name}-uncertainty.csv",
+            interval=md["interval"],
+        )
+        observers: list[Any] = [
+            watch,
+            (_StopAbove(watch, md["stop_uncertainty"]), md["interval"]),
+        ]
         model = self.dir / "llpr" / "model.safetensors"
         start, error = time.perf_counter(), None
         try:
             summary = run_md(
-                atoms.copy(), PESCalculator(model, device=device),
-                ensemble=md["ensemble"], temperature=temperature, steps=md["steps"],
-                timestep=md["timestep"], thermostat=md["thermostat"],
-                friction=md["friction"], log=md_dir / f"{name}.log",
-                log_interval=md["log_interval"], progress=False, observers=observers,
-                seed=self.config["seed"] + 1000 * self.round + index)
+                PESCalculator(model, device=device),
+                atoms.copy(),
+                ensemble=md["ensemble"],
+                temperature=temperature,
+                steps=md["steps"],
+                timestep=md["timestep"],
+                thermostat=md["thermostat"],
+                friction=md["friction"],
+                log=md_dir / f"{name}.log",
+                log_interval=md["log_interval"],
+                progress=False,
+                observers=observers,
+                seed=self.config["seed"] + 1000 * self.round + index,
+            )
         except (ValueError, FloatingPointError) as caught:  # e.g. atoms blown apart
             summary, error = None, f"{type(caught).__name__}: {caught}"
         finally:
@@ -99,22 +119,31 @@ class Exploration:
         else:  # the last step checked before the failure
             steps = watch.history[-1][0] if watch.history else 0
         first = watch.first_exceeded_step
-        run = {"name": name, "temperature_K": temperature, "steps": steps,
-               "requested_steps": md["steps"], "first_uncertain_step": first,
-               "steps_survived": steps if first is None else first,
-               "max_uncertainty": _finite_or_none(watch.max_seen),
-               "candidates": len(watch.recorded),
-               "stop_reason": summary.stop_reason if summary else error,
-               "wall_time_s": round(time.perf_counter() - start, 2)}
-        write_xyz(md_dir / f"{name}.xyz", [
-            candidate(a, name, temperature, self.round) for a in watch.recorded])
+        run = {
+            "name": name,
+            "temperature_K": temperature,
+            "steps": steps,
+            "requested_steps": md["steps"],
+            "first_uncertain_step": first,
+            "steps_survived": steps if first is None else first,
+            "max_uncertainty": _finite_or_none(watch.max_seen),
+            "candidates": len(watch.recorded),
+            "stop_reason": summary.stop_reason if summary else error,
+            "wall_time_s": round(time.perf_counter() - start, 2),
+        }
+        write_xyz(
+            md_dir / f"{name}.xyz",
+            [candidate(a, name, temperature, self.round) for a in watch.recorded],
+        )
         atomic_write_text(md_dir / f"{name}.json", json.dumps(run, indent=1))
         unit = UNCERTAINTY_MEASURES[selection["measure"]]
         over = "never over" if first is None else f"first over at step {first},"
-        self.say(f"md {name}: {steps}/{md['steps']} steps, max σ "
-                 f"{watch.max_seen:.3g} {unit}, {over} {len(watch.recorded)} recorded"
-                 + (f", stopped: {run['stop_reason']}" if run["stop_reason"] else "")
-                 + f" ({run['wall_time_s']:.0f} s)")
+        self.say(
+            f"md {name}: {steps}/{md['steps']} steps, max σ "
+            f"{watch.max_seen:.3g} {unit}, {over} {len(watch.recorded)} recorded"
+            + (f", stopped: {run['stop_reason']}" if run["stop_reason"] else "")
+            + f" ({run['wall_time_s']:.0f} s)"
+        )
 
 
 class _StopAbove:
@@ -128,14 +157,18 @@ class _StopAbove:
         if not self.watch.history or self.watch.history[-1][0] != dynamics.nsteps:
             return
         step, energy_sigma, force_sigma = self.watch.history[-1]
-        value = {"forces": force_sigma, "energy": energy_sigma,
-                 "energy_per_atom": energy_sigma / len(dynamics.atoms),
-                 }[self.watch.measure]
+        value = {
+            "forces": force_sigma,
+            "energy": energy_sigma,
+            "energy_per_atom": energy_sigma / len(dynamics.atoms),
+        }[self.watch.measure]
         if not math.isfinite(value):
             raise StopMD(f"non-finite uncertainty at step {step}")
         if value > self.limit:
-            raise StopMD(f"uncertainty {value:.4g} over stop_uncertainty "
-                         f"{self.limit:g} at step {step}")
+            raise StopMD(
+                f"uncertainty {value:.4g} over stop_uncertainty "
+                f"{self.limit:g} at step {step}"
+            )
 
 
 def _finite_or_none(value: float) -> float | None:

@@ -77,7 +77,8 @@ def _claim(outdir: Path, config: dict[str, Any]) -> None:
         if {**previous, "budget": None} != {**config, "budget": None}:
             raise ActiveLearningConfigError(
                 f"{outdir} holds a loop with a different config (only budget may "
-                "change on a rerun); use another output directory")
+                "change on a rerun); use another output directory"
+            )
     outdir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
 
@@ -85,8 +86,9 @@ def _claim(outdir: Path, config: dict[str, Any]) -> None:
 class _Round:
     """One round's stages; each is skipped when its output is on disk."""
 
-    def __init__(self, config: dict[str, Any], outdir: Path, round_: int,
-                 progress: bool):
+    def __init__(
+        self, config: dict[str, Any], outdir: Path, round_: int, progress: bool
+    ):
         self.config, self.round, self.progress = config, round_, progress
         self.outdir = outdir
         self.dir = outdir / f"round-{round_:03d}"
@@ -122,16 +124,21 @@ class _Round:
         md_done = (self.dir / "candidates.xyz").exists()
         runs = explore() if md_done else self.timed("md", explore)
         candidates = read_xyz(self.dir / "candidates.xyz")
-        labelled, stop_reason = self.label_stage(runs, candidates, reference,
-                                                 labels_so_far)
+        labelled, stop_reason = self.label_stage(
+            runs, candidates, reference, labels_so_far
+        )
         report = self.report(train_size, runs, candidates, labelled, stop_reason)
         text = json.dumps(asdict(report), indent=1)
         atomic_write_text(self.dir / "report.json", text)
         return report
 
-    def label_stage(self, runs: list[dict[str, Any]], candidates: list[ase.Atoms],
-                    reference: Any, labels_so_far: int
-                    ) -> tuple[list[ase.Atoms], str | None]:
+    def label_stage(
+        self,
+        runs: list[dict[str, Any]],
+        candidates: list[ase.Atoms],
+        reference: Any,
+        labels_so_far: int,
+    ) -> tuple[list[ase.Atoms], str | None]:
         """(labelled structures, why the loop stops or None): candidates are
         selected and labelled unless the MD was clean or the budget is spent."""
         selection, budget = self.config["selection"], self.config["budget"]
@@ -165,20 +172,30 @@ class _Round:
             structures = read_structures(self.config["data"]["train"])
         else:
             previous = self.outdir / f"round-{self.round - 1:03d}"
-            structures = (read_xyz(previous / "train.xyz")
-                          + read_xyz(previous / "labelled.xyz"))
+            structures = read_xyz(previous / "train.xyz") + read_xyz(
+                previous / "labelled.xyz"
+            )
         write_xyz(path, structures)
 
     def train_models(self, train_file: Path) -> None:
         previous = self.outdir / f"round-{self.round - 1:03d}/base/model.safetensors"
-        base = train(base_config(self.config, self.round, train_file, previous),
-                     self.dir / "base", progress=self.progress)
+        base = train(
+            base_config(self.config, self.round, train_file, previous),
+            self.dir / "base",
+            progress=self.progress,
+        )
         self.say("LLPR: covariance, calibration and ensemble")
-        llpr = train(llpr_config(self.config, train_file, base.model_path),
-                     self.dir / "llpr", progress=self.progress)
+        llpr = train(
+            llpr_config(self.config, train_file, base.model_path),
+            self.dir / "llpr",
+            progress=self.progress,
+        )
         self.state.update(
-            base_model=str(base.model_path), llpr_model=str(llpr.model_path),
-            val_metrics=base.val_metrics, test_metrics=llpr.test_metrics)
+            base_model=str(base.model_path),
+            llpr_model=str(llpr.model_path),
+            val_metrics=base.val_metrics,
+            test_metrics=llpr.test_metrics,
+        )
 
     def label(self, chosen: list[ase.Atoms], reference: Any) -> list[ase.Atoms]:
         """Reference labels for ``chosen``, appended one by one to
@@ -195,39 +212,53 @@ class _Round:
                 if index in done:
                     continue
                 try:
-                    labelled = label_structure(atoms, reference, label_keys)
+                    structure = label_structure(atoms, reference, label_keys)
                 except Exception as error:  # a reference failure skips one structure
                     failures[str(index)] = why = f"{type(error).__name__}: {error}"
                     self.say(f"labelling candidate {index} failed ({why})")
                     continue
                 failures.pop(str(index), None)
                 frame = io.StringIO()
-                ase.io.write(frame, labelled, format="extxyz")
+                ase.io.write(frame, structure, format="extxyz")
                 handle.write(frame.getvalue())  # one write: a whole frame or none
                 handle.flush()
-                done[index] = labelled
-        labelled = [done[a.info["candidate_index"]] for a in chosen
-                    if a.info["candidate_index"] in done]
+                done[index] = structure
+        labelled = [
+            done[a.info["candidate_index"]]
+            for a in chosen
+            if a.info["candidate_index"] in done
+        ]
         write_xyz(self.dir / "labelled.xyz", labelled)
         partial.unlink()
         return labelled
 
-    def report(self, train_size: int, runs: list[dict[str, Any]],
-               candidates: list, labelled: list, stop_reason: str | None
-               ) -> RoundReport:
+    def report(
+        self,
+        train_size: int,
+        runs: list[dict[str, Any]],
+        candidates: list,
+        labelled: list,
+        stop_reason: str | None,
+    ) -> RoundReport:
         survived = [run["steps_survived"] for run in runs]
         largest = [run["max_uncertainty"] for run in runs]
         return RoundReport(
-            round=self.round, train_size=train_size, candidates=len(candidates),
+            round=self.round,
+            train_size=train_size,
+            candidates=len(candidates),
             labelled=len(labelled),
             label_failures=len(self.state.get("label_failures", {})),
-            md_runs=len(runs), md_runs_clean=sum(clean_run(run) for run in runs),
-            md_steps_survived=sum(survived), md_steps_survived_min=min(survived),
+            md_runs=len(runs),
+            md_runs_clean=sum(clean_run(run) for run in runs),
+            md_steps_survived=sum(survived),
+            md_steps_survived_min=min(survived),
             md_steps_requested=sum(run["requested_steps"] for run in runs),
             max_uncertainty=math.inf if None in largest else max(largest),
             uncertainty_measure=self.config["selection"]["measure"],
             wall_time_s=round(sum(self.state["times"].values()), 1),
-            stop_reason=stop_reason, test_metrics=self.state["test_metrics"])
+            stop_reason=stop_reason,
+            test_metrics=self.state["test_metrics"],
+        )
 
 
 def _complete_frames(path: Path) -> list[ase.Atoms]:

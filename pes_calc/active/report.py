@@ -74,8 +74,10 @@ def format_table(reports: list[RoundReport]) -> str:
     the first uncertain structure (the smallest per run, and the share of all
     requested steps), and the runs that never went over the threshold."""
     unit = UNCERTAINTY_MEASURES[reports[0].uncertainty_measure] if reports else ""
-    rows = [[header.format(unit=unit) for header, _ in _COLUMNS],
-            ["---"] * len(_COLUMNS)]
+    rows = [
+        [header.format(unit=unit) for header, _ in _COLUMNS],
+        ["---"] * len(_COLUMNS),
+    ]
     rows += [[cell(report) for _, cell in _COLUMNS] for report in reports]
     return "\n".join("| " + " | ".join(row) + " |" for row in rows)
 
@@ -92,8 +94,10 @@ def write_tables(outdir: Path, reports: list[RoundReport]) -> None:
             writer.writerow(names + [f"test_{name}" for name in metrics])
             for report in reports:
                 row = asdict(report)
-                writer.writerow([row[n] for n in names]
-                                + [report.test_metrics.get(m, "") for m in metrics])
+                writer.writerow(
+                    [row[n] for n in names]
+                    + [report.test_metrics.get(m, "") for m in metrics]
+                )
 
     atomic_write(outdir / "report.csv", write)
     atomic_write_text(outdir / "report.md", format_table(reports) + "\n")

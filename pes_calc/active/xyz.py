@@ -22,6 +22,7 @@ def read_xyz(path: Path) -> list[ase.Atoms]:
 def write_xyz(path: Path, structures: list[ase.Atoms]) -> None:
     """``structures`` as the extxyz file ``path`` (an empty file for none),
     written atomically."""
+
     def write(temporary: str) -> None:
         with open(temporary, "w") as handle:
             for atoms in structures:

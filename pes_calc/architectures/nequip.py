@@ -90,10 +90,21 @@ class Interaction(nn.Module):
     ):
         super().__init__()
         # keep only target irreps that irreps_in ⊗ irreps_sh can reach
-        reachable = {ir_out for _, ir1 in irreps_in for _, ir2 in irreps_sh for ir_out in ir1 * ir2}
-        scalars = o3.Irreps([(m, ir) for m, ir in irreps_target if ir.l == 0 and ir in reachable])
-        gated = o3.Irreps([(m, ir) for m, ir in irreps_target if ir.l > 0 and ir in reachable])
-        gates = o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+        reachable = {
+            ir_out
+            for _, ir1 in irreps_in
+            for _, ir2 in irreps_sh
+            for ir_out in ir1 * ir2
+        }
+        scalars = o3.Irreps(
+            [(m, ir) for m, ir in irreps_target if ir.l == 0 and ir in reachable]
+        )
+        gated = o3.Irreps(
+            [(m, ir) for m, ir in irreps_target if ir.l > 0 and ir in reachable]
+        )
+        gates = (
+            o3.Irreps(f"{gated.num_irreps}x0e") if gated.num_irreps else o3.Irreps("")
+        )
         self.gate = Gate(
             scalars,
             # e3nn wants functions here; it normalises them to unit second moment
@@ -140,7 +151,9 @@ class Interaction(nn.Module):
         self.linear_out = o3.Linear(o3.Irreps(irreps_mid), irreps_gate_in)
         self.use_self_connection = use_self_connection
         self.self_connection = (
-            o3.FullyConnectedTensorProduct(irreps_in, f"{num_species}x0e", irreps_gate_in)
+            o3.FullyConnectedTensorProduct(
+                irreps_in, f"{num_species}x0e", irreps_gate_in
+            )
             if use_self_connection
             else None
         )
@@ -157,7 +170,9 @@ class Interaction(nn.Module):
     ) -> Tensor:
         """(N, irreps_in) node features → (N, irreps_out)."""
         weights = self.radial(radial_basis)
-        aggregated = self.convolution(self.linear_in(features), harmonics, weights, edge_index)
+        aggregated = self.convolution(
+            self.linear_in(features), harmonics, weights, edge_index
+        )
         updated = self.linear_out(aggregated * neighbor_normalization.unsqueeze(-1))
         self_connection = self.self_connection
         if self_connection is not None:
@@ -173,7 +188,9 @@ class NequIP(Architecture):
         self.num_species = len(species)
         self.cutoff = float(hypers["r_max"])
         self.polynomial_cutoff_p = float(hypers["polynomial_cutoff_p"])
-        self.edge_cutoffs = EdgeCutoffs(species, self.cutoff, hypers["per_edge_type_cutoff"])
+        self.edge_cutoffs = EdgeCutoffs(
+            species, self.cutoff, hypers["per_edge_type_cutoff"]
+        )
         self.bessel = BesselBasis(hypers["num_bessels"], hypers["bessel_trainable"])
         irreps_sh = o3.Irreps.spherical_harmonics(hypers["l_max"])
         self.spherical_harmonics = o3.SphericalHarmonics(
@@ -198,7 +215,8 @@ class NequIP(Architecture):
                 hypers["num_bessels"],
                 hypers["radial_mlp_depth"],
                 hypers["radial_mlp_width"],
-                use_self_connection=k > 0,  # no self-connection keeps isolated atoms exact
+                use_self_connection=k
+                > 0,  # no self-connection keeps isolated atoms exact
             )
             layers.append(layer)
             irreps = layer.irreps_out
@@ -219,17 +237,25 @@ class NequIP(Architecture):
         """Raw per-atom energies (N,) and last-layer features (N, F)."""
         i, j = graph.edge_index[0], graph.edge_index[1]
         lengths = torch.linalg.vector_norm(vectors, dim=-1)
-        x = self.edge_cutoffs.normalized_lengths(lengths, graph.species[i], graph.species[j])
+        x = self.edge_cutoffs.normalized_lengths(
+            lengths, graph.species[i], graph.species[j]
+        )
         envelope = polynomial_envelope(x, 1.0, self.polynomial_cutoff_p)
         radial_basis = self.bessel(x) * envelope.unsqueeze(-1)  # (E, num_bessels)
         harmonics = self.spherical_harmonics(vectors)  # (E, (l_max+1)²)
-        one_hot = nn.functional.one_hot(graph.species, self.num_species).to(vectors.dtype)
+        one_hot = nn.functional.one_hot(graph.species, self.num_species).to(
+            vectors.dtype
+        )
         normalization = self.neighbor_normalization.to(vectors.dtype)[graph.species]
         features = self.type_embedding(one_hot)
         for layer in self.layers:
             features = layer(
-                features, one_hot, harmonics, radial_basis, graph.edge_index, normalization
+                features,
+                one_hot,
+                harmonics,
+                radial_basis,
+                graph.edge_index,
+                normalization,
             )
         features = self.readout_hidden(features)
         return self.last_layer(features).squeeze(-1), features
-

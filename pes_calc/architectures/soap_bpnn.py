@@ -4,10 +4,13 @@ Hyperparameters and defaults are metatrain's ``soap_bpnn``. For each atom i:
 
 | step | code | shape |
 |---|---|---|
-| density c_{a,lmn} = Σ_j [t(j)=a] f_c(r_ij) R_nl(r_ij) Y_lm(r̂_ij) | `_density` | (N, T, 2l+1, n_l) |
-| power spectrum p_l = Σ_m c_{lm·} ⊗ c_{lm·}, upper triangle over (a, n) | `_power_spectrum` | (N, D) |
+| density c_{a,lmn} = Σ_j [t(j)=a] f_c(r_ij) | `_density` | (N, T, 2l+1, n_l) |
+| R_nl(r_ij) Y_lm(r̂_ij) | | |
+| power spectrum p_l = Σ_m c_{lm·} ⊗ c_{lm·}, | `_power_spectrum` | (N, D) |
+| upper triangle over (a, n) | | |
 | per-species LayerNorm → MLP (SiLU) → head → features f_i | `network` | (N, W) |
-| energy e_i = f̃_i · w, f̃ = f placed in the block of species t(i) | `last_layer` | (N,) |
+| energy e_i = f̃_i · w, | `last_layer` | (N,) |
+| f̃ = f placed in the block of species t(i) | | |
 
 With ``long_range.enable`` (metatrain's hyperparameters and defaults: ``use_ewald``
 false → particle-mesh Ewald, ``smearing`` 1.4 Å, ``kspace_resolution`` 1.33 Å,
@@ -38,7 +41,6 @@ R_nl are torch-spex's splined Laplacian eigenstates (trimmed with l), Y_lm its
 spectrum is symmetric in its two (a, n) indices, so only the upper triangle is kept.
 """
 
-
 import copy
 import functools
 from typing import Dict, List, Sequence, Tuple
@@ -57,7 +59,11 @@ from pes_calc.nn.scatter import scatter_sum
 from pes_calc.potential import Architecture
 
 DEFAULT_HYPERS: dict = {
-    "soap": {"max_angular": 6, "max_radial": 7, "cutoff": {"radius": 5.0, "width": 0.5}},
+    "soap": {
+        "max_angular": 6,
+        "max_radial": 7,
+        "cutoff": {"radius": 5.0, "width": 0.5},
+    },
     "bpnn": {"num_hidden_layers": 2, "num_neurons_per_layer": 32, "layernorm": True},
     "heads": {"energy": "mlp"},
     # metatrain's λ-SOAP basis for spherical-tensor targets; an energy model (the
@@ -124,7 +130,9 @@ class SoapBpnn(Architecture):
         self.register_buffer(
             "product_harmonic", torch.tensor(product_harmonic), persistent=False
         )
-        self.register_buffer("product_radial", torch.tensor(product_radial), persistent=False)
+        self.register_buffer(
+            "product_radial", torch.tensor(product_radial), persistent=False
+        )
         # flat upper-triangle indices into each (k_l × k_l) product, k_l = T n_l
         triangles = []
         for n in self.n_per_l:
@@ -149,7 +157,9 @@ class SoapBpnn(Architecture):
             if head == "mlp":  # metatrain's MLP head: one more SiLU layer
                 layers.append(MLP(hidden[-1] if hidden else self.soap_size, [width]))
             networks.append(nn.Sequential(*layers))
-        self.features_per_species = width if (hidden or head == "mlp") else self.soap_size
+        self.features_per_species = (
+            width if (hidden or head == "mlp") else self.soap_size
+        )
         self.network = PerSpecies(networks, self.features_per_species)
         block_width = self.num_species * self.features_per_species
         long_range = hypers["long_range"]
@@ -216,9 +226,9 @@ class SoapBpnn(Architecture):
         harmonics = self.angular.sph.compute(vectors)  # (E, (l_max+1)²)
         # all (l, m, n) products y_lm r_ln in one flat, contiguous tensor: one scatter
         # serves every l, and the backward pass avoids slow tiny-dimension broadcasts
-        products = harmonics.index_select(1, self.product_harmonic) * radial.index_select(
-            1, self.product_radial
-        )  # (E, Σ (2l+1) n_l)
+        products = harmonics.index_select(
+            1, self.product_harmonic
+        ) * radial.index_select(1, self.product_radial)  # (E, Σ (2l+1) n_l)
         num_atoms = number_of_atoms(graph)
         slot = i * self.num_species + graph.species[j]  # (centre, neighbor species)
         density = scatter_sum(products, slot, num_atoms * self.num_species)
@@ -239,4 +249,3 @@ class SoapBpnn(Architecture):
             product = torch.einsum("imk,imq->ikq", density, density).flatten(1)
             blocks.append(product.index_select(1, triangle))
         return torch.cat(blocks, dim=1)
-

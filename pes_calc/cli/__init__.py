@@ -22,8 +22,11 @@ from pes_calc.cli.training import active_learn_command, eval_command, train_comm
 from pes_calc.memory import reuse_freed_memory
 
 __all__ = [
-    "ATOMS_PER_THREAD", "check_output_directory", "check_output_path",
-    "default_md_threads", "main",
+    "ATOMS_PER_THREAD",
+    "check_output_directory",
+    "check_output_path",
+    "default_md_threads",
+    "main",
 ]
 
 
@@ -36,7 +39,13 @@ def main() -> None:
 
 
 for command in (
-    compile_command, info_command, md_command, ipi_command, lammps_command,
-    train_command, active_learn_command, eval_command,
+    compile_command,
+    info_command,
+    md_command,
+    ipi_command,
+    lammps_command,
+    train_command,
+    active_learn_command,
+    eval_command,
 ):
     main.add_command(command)

@@ -23,8 +23,15 @@ from pes_calc.train import DatasetError
 
 # what bad input raises anywhere below a command: shown as one line, no traceback
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DatasetError, ModelFileError, UnknownSpeciesError, IPIError,
-    LammpsUnavailableError, ValueError, NotImplementedError, FloatingPointError,
+    ConfigError,
+    DatasetError,
+    ModelFileError,
+    UnknownSpeciesError,
+    IPIError,
+    LammpsUnavailableError,
+    ValueError,
+    NotImplementedError,
+    FloatingPointError,
 )
 Command = TypeVar("Command", bound=Callable[..., Any])
 

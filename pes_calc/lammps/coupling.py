@@ -27,7 +27,6 @@ from typing import Any
 import ase
 import ase.io
 import numpy as np
-import torch
 
 from pes_calc.calculator import PESCalculator
 from pes_calc.lammps.domain import (

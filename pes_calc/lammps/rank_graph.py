@@ -192,9 +192,7 @@ def local_energy_derivatives(
     )
 
 
-def per_atom_virial(
-    model: Any, graph: AtomicGraph, nlocal: int
-) -> np.ndarray:
+def per_atom_virial(model: Any, graph: AtomicGraph, nlocal: int) -> np.ndarray:
     """(nodes, 6) per-atom virial W_i, eV, in LAMMPS's order xx yy zz xy xz yz:
     -1/2 Σ over the edges e of atom i (as centre or neighbor) of sym(r_e ⊗ ∂E/∂r_e),
     with E the local atoms' energy. The rows sum to the rank's virial -∂E/∂ε.

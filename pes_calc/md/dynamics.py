@@ -3,7 +3,7 @@ and the ASE dynamics object for each ensemble and thermostat."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import ase
 import numpy as np
@@ -13,6 +13,7 @@ from ase.md.md import MolecularDynamics
 from ase.md.velocitydistribution import Stationary, ZeroRotation
 from ase.md.verlet import VelocityVerlet
 
+Bussi: Any
 try:
     from ase.md.bussi import Bussi
 except ImportError:  # ASE < 3.24: no Bussi thermostat; only "bussi" fails
@@ -23,7 +24,7 @@ try:
 except ImportError:  # ASE < 3.29: the same distribution under its older name
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
-    def thermalize_momenta(
+    def thermalize_momenta(  # type: ignore[misc]  # ASE's newer signature differs
         atoms: ase.Atoms, temperature_K: float, *, rng: np.random.Generator
     ) -> None:
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
@@ -64,9 +65,17 @@ def maxwell_boltzmann_velocities(
 
 
 def _dynamics(
-    atoms: ase.Atoms, ensemble: str, thermostat: str, *, temperature: float,
-    timestep: float, friction: float, tdamp: float | None, pdamp: float | None,
-    pressure: float, rng: np.random.Generator,
+    atoms: ase.Atoms,
+    ensemble: str,
+    thermostat: str,
+    *,
+    temperature: float,
+    timestep: float,
+    friction: float,
+    tdamp: float | None,
+    pdamp: float | None,
+    pressure: float,
+    rng: np.random.Generator,
 ) -> MolecularDynamics:
     """The ASE integrator; timestep, tdamp, pdamp in fs, friction in 1/fs, GPa, K."""
     dt = timestep * units.fs
@@ -76,8 +85,12 @@ def _dynamics(
         return VelocityVerlet(atoms, timestep=dt)
     if ensemble == "nvt" and thermostat == "langevin":
         return Langevin(
-            atoms, dt, temperature_K=temperature, friction=friction / units.fs,
-            fixcm=False, rng=rng,
+            atoms,
+            dt,
+            temperature_K=temperature,
+            friction=friction / units.fs,
+            fixcm=False,
+            rng=rng,
         )
     if ensemble == "nvt":
         if Bussi is None:
@@ -91,12 +104,19 @@ def _dynamics(
     npt_class = _npt_class()
     if npt_class.__name__ == "IsotropicMTKNPT":
         return npt_class(
-            atoms, dt, temperature_K=temperature, pressure_au=pressure * units.GPa,
-            tdamp=tdamp_fs * units.fs, pdamp=pdamp_fs * units.fs,
+            atoms,
+            dt,
+            temperature_K=temperature,
+            pressure_au=pressure * units.GPa,
+            tdamp=tdamp_fs * units.fs,
+            pdamp=pdamp_fs * units.fs,
         )
     # ase.md.npt.NPT (Nose-Hoover + Parrinello-Rahman): pfactor = ptime² B
     return npt_class(
-        atoms, dt, temperature_K=temperature, externalstress=pressure * units.GPa,
+        atoms,
+        dt,
+        temperature_K=temperature,
+        externalstress=pressure * units.GPa,
         ttime=tdamp_fs * units.fs,
         pfactor=(pdamp_fs * units.fs) ** 2 * _FALLBACK_BULK_MODULUS_GPA * units.GPa,
     )

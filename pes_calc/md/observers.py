@@ -52,8 +52,8 @@ class _TrajectoryWriter:
         if self.traj is not None:
             self.traj.write(self.atoms)
         else:
-            ase.io.write(self.handle, self.atoms, format="extxyz")
             assert self.handle is not None
+            ase.io.write(self.handle, self.atoms, format="extxyz")
             self.handle.flush()
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections.abc import Iterable
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -95,8 +96,8 @@ class MDSummary:
 
 
 def run_md(
-    atoms: ase.Atoms,
     calculator: Any,
+    atoms: ase.Atoms,
     *,
     ensemble: Ensemble = "nve",
     temperature: float = 300.0,
@@ -120,11 +121,13 @@ def run_md(
 
     Parameters
     ----------
-    atoms
-        The structure; it ends in the final state of the run.
     calculator
         An ASE calculator, or anything `PESCalculator` accepts (a model object or
         the path of a model file), which is wrapped in one; set as ``atoms.calc``.
+        First, as everywhere in pes_calc (model, then data); the 0.1 order
+        ``run_md(atoms, calculator)`` still works for one release, with a warning.
+    atoms
+        The structure; it ends in the final state of the run.
     ensemble
         ``"nve"``, ``"nvt"`` or ``"npt"`` (isotropic cell fluctuations; needs a
         cell periodic in all three directions with a volume).
@@ -175,10 +178,18 @@ def run_md(
     >>> soap = {"max_angular": 2, "max_radial": 2}
     >>> model = build_model("soap_bpnn", ["Cu"], soap=soap)
     >>> atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
-    >>> summary = run_md(atoms, model, steps=5, progress=False, seed=0)
+    >>> summary = run_md(model, atoms, steps=5, progress=False, seed=0)
     >>> summary.steps, summary.energy_drift_per_atom < 1e-3
     (5, True)
     """
+    if isinstance(calculator, ase.Atoms) and not isinstance(atoms, ase.Atoms):
+        warnings.warn(
+            "run_md(atoms, calculator) is deprecated: pass the model first, "
+            "run_md(calculator, atoms)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        calculator, atoms = atoms, calculator
     _check_arguments(atoms, ensemble, thermostat, steps, timestep, temperature)
     for name, interval in (("trajectory", trajectory_interval), ("log", log_interval)):
         if interval < 1:
@@ -194,8 +205,16 @@ def run_md(
     if init_velocities:
         maxwell_boltzmann_velocities(atoms, temperature, rng)
     dynamics = _dynamics(
-        atoms, ensemble, thermostat, temperature=temperature, timestep=timestep,
-        friction=friction, tdamp=tdamp, pdamp=pdamp, pressure=pressure, rng=rng,
+        atoms,
+        ensemble,
+        thermostat,
+        temperature=temperature,
+        timestep=timestep,
+        friction=friction,
+        tdamp=tdamp,
+        pdamp=pdamp,
+        pressure=pressure,
+        rng=rng,
     )
     num_atoms = len(atoms)
     # evaluates the model once, raising bad-input errors before any file is opened
@@ -226,8 +245,9 @@ def run_md(
             def update_bar(dyn: MolecularDynamics) -> None:
                 bar.update(dyn.nsteps - bar.n)
                 if dyn.nsteps % 10 == 0:
-                    bar.set_postfix(T=f"{dyn.atoms.get_temperature():.0f} K",
-                                    refresh=False)
+                    bar.set_postfix(
+                        T=f"{dyn.atoms.get_temperature():.0f} K", refresh=False
+                    )
 
             _attach(dynamics, update_bar, 1)
         for observer, interval in observer_pairs:
@@ -243,7 +263,8 @@ def run_md(
     if watch is not None:
         largest, first_step = watch._since(checks_before)
         uncertainty = dict(
-            max_uncertainty_seen=largest, uncertainty_measure=watch.measure,
+            max_uncertainty_seen=largest,
+            uncertainty_measure=watch.measure,
             first_uncertain_step=first_step,
         )
     return MDSummary(
@@ -263,7 +284,11 @@ def run_md(
 
 
 def _check_arguments(
-    atoms: ase.Atoms, ensemble: str, thermostat: str, steps: int, timestep: float,
+    atoms: ase.Atoms,
+    ensemble: str,
+    thermostat: str,
+    steps: int,
+    timestep: float,
     temperature: float,
 ) -> None:
     """Raise ValueError for an argument of `run_md` it cannot run with."""

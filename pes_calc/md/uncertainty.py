@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, TextIO
+from typing import IO, Any, TextIO
 
 import ase
 import ase.io
@@ -23,7 +23,10 @@ from pes_calc.md.observers import StopMD
 UNCERTAINTY_MEASURES = {"forces": "eV/Å", "energy": "eV", "energy_per_atom": "eV/atom"}
 ON_UNCERTAIN = ("stop", "record")
 _UNCERTAINTY_LOG_COLUMNS = (
-    "step", "time_fs", "energy_uncertainty_eV", "max_force_uncertainty_eV/A"
+    "step",
+    "time_fs",
+    "energy_uncertainty_eV",
+    "max_force_uncertainty_eV/A",
 )
 
 
@@ -105,7 +108,7 @@ class UncertaintyWatch:
     With ``run_md`` (a bare watch is attached with its interval), or with ASE
     dynamics, which must pass itself to the watch:
 
-    >>> summary = run_md(atoms, llpr_model, observers=[watch])  # doctest: +SKIP
+    >>> summary = run_md(llpr_model, atoms, observers=[watch])  # doctest: +SKIP
     >>> dynamics.attach(watch, watch.interval, dynamics)  # doctest: +SKIP
     """
 
@@ -138,7 +141,8 @@ class UncertaintyWatch:
                 f"None, got {max_uncertainty}"
             )
         if record_to is not None and Path(record_to).suffix.lower() not in (
-            ".xyz", ".extxyz",
+            ".xyz",
+            ".extxyz",
         ):
             raise ValueError(f"record_to {record_to}: use a .xyz or .extxyz file")
         self.max_uncertainty = (
@@ -157,7 +161,7 @@ class UncertaintyWatch:
         # (step, measured value, uncertain?) per check, for run_md's summary
         self._checks: list[tuple[int, float, bool]] = []
         # files open on the first check, so a watch that never runs leaves none open
-        self._log_handle: TextIO | None = None
+        self._log_handle: IO[str] | None = None
         self._log_started = False
         self._record_handle: TextIO | None = None
         # a calculator seen to lack the force ensemble (LLPR with 0 members)
@@ -259,18 +263,24 @@ class UncertaintyWatch:
             return
         csv = self.log.suffix.lower() == ".csv"
         separator = "," if csv else " "
-        if self._log_handle is None:
+        handle = self._log_handle
+        if handle is None:
             # the first check starts the table; after close() rows are appended
             mode = "a" if self._log_started else "w"
-            self._log_handle = open(self.log, mode)  # noqa: SIM115 (close())
+            handle = open(self.log, mode)  # noqa: SIM115 (close())
+            self._log_handle = handle
             if not self._log_started:
                 header = separator.join(_UNCERTAINTY_LOG_COLUMNS)
-                self._log_handle.write(f"{header}\n" if csv else f"# {header}\n")
+                handle.write(f"{header}\n" if csv else f"# {header}\n")
             self._log_started = True
-        row = [f"{step:d}", f"{time_fs:.4f}", f"{energy_sigma:.8g}",
-               f"{force_sigma:.8g}"]
-        self._log_handle.write(separator.join(row) + "\n")
-        self._log_handle.flush()
+        row = [
+            f"{step:d}",
+            f"{time_fs:.4f}",
+            f"{energy_sigma:.8g}",
+            f"{force_sigma:.8g}",
+        ]
+        handle.write(separator.join(row) + "\n")
+        handle.flush()
 
     def _record(self, atoms: ase.Atoms, step: int, value: float) -> None:
         copy = atoms.copy()

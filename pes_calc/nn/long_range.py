@@ -187,9 +187,7 @@ class LongRangeElectrostatics(nn.Module):
         start = 0
         for s, count in enumerate(counts):
             if not periodic_structures[s]:
-                pairs.append(
-                    torch.triu_indices(count, count, 1, device=device) + start
-                )
+                pairs.append(torch.triu_indices(count, count, 1, device=device) + start)
             start += count
         direct = self._direct(charges, graph.positions, torch.cat(pairs, dim=1))
         if not any(periodic_structures):
@@ -271,9 +269,10 @@ def _check_periodic_cell(cell: Tensor, periodic: Tensor) -> None:
         off_axis = torch.ones(3, dtype=torch.bool, device=cell.device)
         off_axis[axis] = False
         # torch-pme's slab correction reads Cartesian coordinates along `axis`
-        misaligned = torch.abs(cell[axis][off_axis]).max() + torch.abs(
-            cell[off_axis][:, axis]
-        ).max()
+        misaligned = (
+            torch.abs(cell[axis][off_axis]).max()
+            + torch.abs(cell[off_axis][:, axis]).max()
+        )
         if bool(misaligned > 1e-6):  # Å
             raise ValueError(
                 "long-range electrostatics of a slab needs the non-periodic cell "

@@ -17,7 +17,6 @@ is e3nn's and nequip's: unit second moment in gives unit second moment out, for 
 layer. SOAP-BPNN keeps PyTorch's default, as metatrain does.
 """
 
-
 import functools
 import math
 from typing import List, Sequence, Tuple
@@ -129,8 +128,12 @@ def readout(
     """NequIP's and Allegro's readout: a variance-preserving hidden MLP (``depth``
     layers of ``width``; none for depth 0) and the bias-free ``last_layer`` whose
     input is the architecture's last-layer features."""
-    hidden = MLP(in_features, [width] * depth, nonlinearity=nonlinearity, normalized=True)
-    last_layer = normalized_init_(nn.Linear(width if depth else in_features, 1, bias=False))
+    hidden = MLP(
+        in_features, [width] * depth, nonlinearity=nonlinearity, normalized=True
+    )
+    last_layer = normalized_init_(
+        nn.Linear(width if depth else in_features, 1, bias=False)
+    )
     return hidden, last_layer
 
 

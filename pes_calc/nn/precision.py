@@ -21,13 +21,26 @@ __all__ = ["float64_construction"]
 # factories whose result is floating point when no dtype is given: the dtype is set
 # before the call, so random ones draw the same numbers as a float64 default would
 _FLOATING_FACTORIES = {
-    torch.empty, torch.zeros, torch.ones, torch.randn, torch.rand, torch.eye,
-    torch.linspace, torch.logspace, torch.empty_strided, torch.normal,
+    torch.empty,
+    torch.zeros,
+    torch.ones,
+    torch.randn,
+    torch.rand,
+    torch.eye,
+    torch.linspace,
+    torch.logspace,
+    torch.empty_strided,
+    torch.normal,
 }
 # factories whose result type depends on their data: rerun in float64 when they
 # gave the default floating type
-_DATA_FACTORIES = {torch.tensor, torch.as_tensor, torch.asarray, torch.full,
-                   torch.arange}
+_DATA_FACTORIES = {
+    torch.tensor,
+    torch.as_tensor,
+    torch.asarray,
+    torch.full,
+    torch.arange,
+}
 
 
 class float64_construction(TorchFunctionMode):  # noqa: N801 (used like a function)

@@ -2,9 +2,11 @@
 
 | symbol | code | meaning |
 |---|---|---|
-| r_c(a, b) | `EdgeCutoffs` | cutoff of an edge from a type-a centre to a type-b neighbor, Å |
+| r_c(a, b) | `EdgeCutoffs` | cutoff of an edge from a type-a centre to a type-b |
+| | | neighbor, Å |
 | x = r / r_c | `EdgeCutoffs.normalized_lengths` | edge length in units of its cutoff |
-| b_n(x) = √2 sin(nπx) / x | `BesselBasis` | Bessel basis on [0, 1], n = 1..num_bessels |
+| b_n(x) = √2 sin(nπx) / x | `BesselBasis` | Bessel basis on [0, 1], |
+| | | n = 1..num_bessels |
 | u(x) | `polynomial_envelope` (p) | smooth cutoff, zero for x ≥ 1 |
 """
 
@@ -27,16 +29,24 @@ class EdgeCutoffs(nn.Module):
         self,
         species: Sequence[str],
         r_max: float,
-        per_edge_type_cutoff: Optional[Mapping[str, Union[float, Mapping[str, float]]]] = None,
+        per_edge_type_cutoff: Optional[
+            Mapping[str, Union[float, Mapping[str, float]]]
+        ] = None,
     ):
         super().__init__()
         index = {symbol: i for i, symbol in enumerate(species)}
-        cutoffs = torch.full((len(species), len(species)), float(r_max), dtype=torch.float64)
+        cutoffs = torch.full(
+            (len(species), len(species)), float(r_max), dtype=torch.float64
+        )
         for centre, value in (per_edge_type_cutoff or {}).items():
             if centre not in index:
-                raise ValueError(f"per_edge_type_cutoff names {centre!r}, not a model species")
+                raise ValueError(
+                    f"per_edge_type_cutoff names {centre!r}, not a model species"
+                )
             targets: Dict[str, float] = (
-                dict(value) if isinstance(value, Mapping) else dict.fromkeys(species, value)
+                dict(value)
+                if isinstance(value, Mapping)
+                else dict.fromkeys(species, value)
             )
             for neighbor, cutoff in targets.items():
                 if neighbor not in index:
@@ -45,8 +55,8 @@ class EdgeCutoffs(nn.Module):
                     )
                 if not 0.0 < float(cutoff) <= r_max:
                     raise ValueError(
-                        f"per_edge_type_cutoff {centre}-{neighbor} = {cutoff} must be in "
-                        f"(0, r_max = {r_max}]"
+                        f"per_edge_type_cutoff {centre}-{neighbor} = {cutoff} "
+                        f"must be in (0, r_max = {r_max}]"
                     )
                 cutoffs[index[centre], index[neighbor]] = float(cutoff)
         self.register_buffer("cutoffs", cutoffs, persistent=False)
@@ -71,4 +81,3 @@ class BesselBasis(nn.Module):
         """(E,) → (E, num_bessels)."""
         x = x.unsqueeze(-1)
         return math.sqrt(2.0) * torch.sin(self.frequencies * x) / x
-

@@ -175,7 +175,8 @@ edge_paths.register_autograd(
 
 
 class _InputIrrepPaths(nn.Module):
-    """All paths that start from one input irrep (mul u, degree l₁), grouped by output l."""
+    """All paths that start from one input irrep (mul u, degree l₁), grouped by
+    output l."""
 
     def __init__(
         self, coupling: Tensor, mul: int, ir_dim: int, groups: List[Tuple[int, int]]
@@ -286,8 +287,9 @@ class EdgeTensorProduct(nn.Module):
         weights: Tensor,
         edge_index: Tensor,
     ) -> Tensor:
-        """(N, irreps_in1), (E, irreps_in2), (E, weight_numel), (2, E) → (N, irreps_out):
-        Σ over edges i←j of the tensor product of x_j with the edge's harmonics."""
+        """(N, irreps_in1), (E, irreps_in2), (E, weight_numel), (2, E)
+        → (N, irreps_out): Σ over edges i←j of the tensor product of x_j with the
+        edge's harmonics."""
         num_nodes = node_features.shape[0]
         num_edges = edge_index.shape[1]
         # (E, P, u) in block order: one gather here, none per block

@@ -2,13 +2,15 @@
 
 | symbol | code | meaning |
 |---|---|---|
-| E_ij = k Z_i Z_j / r φ(r/a) u(r/r_c) | `pair_energies` | pair energy (eV or kcal/mol) |
-| k | `coulomb_constant` | e²/(4πε₀): 14.3996 eV·Å (metal) or 332.0637 kcal/mol·Å (real) |
-| a = 0.46850 / (Z_i^0.23 + Z_j^0.23) | `screening_length` | universal screening length, Å |
+| E_ij = k Z_i Z_j / r φ(r/a) u(r/r_c) | `pair_energies` | pair energy |
+| | | (eV or kcal/mol) |
+| k | `coulomb_constant` | e²/(4πε₀): 14.3996 eV·Å (metal) or |
+| | | 332.0637 kcal/mol·Å (real) |
+| a = 0.46850 / | `screening_length` | universal screening length, Å |
+| (Z_i^0.23 + Z_j^0.23) | | |
 | φ(x) = Σ c_k exp(-d_k x) | `phi` | universal screening function |
 | u | `polynomial_envelope` (p=6) | smooth switch-off at r_c = covalent radius sum |
 """
-
 
 from typing import Sequence
 
@@ -36,7 +38,9 @@ class ZBL(nn.Module):
             raise ValueError(f"ZBL units must be 'metal' or 'real', not {units!r}")
         self.units = units
         self.coulomb_constant = COULOMB_CONSTANT[units]
-        numbers = torch.tensor([atomic_numbers[s] for s in species], dtype=torch.float64)
+        numbers = torch.tensor(
+            [atomic_numbers[s] for s in species], dtype=torch.float64
+        )
         radii = torch.tensor([covalent_radii[atomic_numbers[s]] for s in species])
         for name, values in [
             ("phi_coefficients", PHI_COEFFICIENTS),
@@ -46,7 +50,9 @@ class ZBL(nn.Module):
             self.register_buffer(name, tensor, persistent=False)
         self.register_buffer("atomic_numbers", numbers, persistent=False)
         pair_range = torch.clamp(radii[:, None] + radii[None, :], max=cutoff)
-        self.register_buffer("pair_range", pair_range.to(torch.float64), persistent=False)
+        self.register_buffer(
+            "pair_range", pair_range.to(torch.float64), persistent=False
+        )
 
     def forward(self, lengths: Tensor, species_i: Tensor, species_j: Tensor) -> Tensor:
         """Pair energies (E,) for edge ``lengths`` (E,) in Å."""

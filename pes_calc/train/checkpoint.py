@@ -28,8 +28,12 @@ from pes_calc.potential import Potential
 from pes_calc.train.config import TrainingConfigError
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "read_checkpoint", "read_log", "save_best",
-    "write_checkpoint", "write_log",
+    "CHECKPOINT_FORMAT",
+    "read_checkpoint",
+    "read_log",
+    "save_best",
+    "write_checkpoint",
+    "write_log",
 ]
 
 CHECKPOINT_FORMAT = "pes_calc.checkpoint"
@@ -87,8 +91,10 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     config = copy.deepcopy(config)
     training = config["architecture"]["training"]
     training.pop("num_epochs", None)
-    for section, names in ((config.get("data", {}), ("train", "val", "test")),
-                           (training, ("model_checkpoint",))):
+    for section, names in (
+        (config.get("data", {}), ("train", "val", "test")),
+        (training, ("model_checkpoint",)),
+    ):
         for name in names:
             if isinstance(section.get(name), str):
                 section[name] = os.path.abspath(section[name])
@@ -108,8 +114,11 @@ def save_best(
     snapshot = copy.deepcopy(model).cpu()
     snapshot.load_state_dict(best_state)
     record = {
-        "data": {k: str(config["data"][k]) for k in ("train", "val", "test")
-                 if config["data"].get(k)},
+        "data": {
+            k: str(config["data"][k])
+            for k in ("train", "val", "test")
+            if config["data"].get(k)
+        },
         "best_epoch": state["best_epoch"],
         "epochs_run": state["epoch"],
         "training_time_s": round(state["elapsed_s"], 1),

@@ -17,8 +17,14 @@ from pes_calc.config import ConfigError, check_keys, load_yaml, with_defaults
 from pes_calc.train.llpr import CALIBRATION_METHODS
 
 __all__ = [
-    "BEST_MODEL_METRICS", "DATA_KEYS", "LLPR_MODEL_DEFAULTS", "LLPR_TRAINING_DEFAULTS",
-    "TOP_LEVEL_KEYS", "TRAINING_DEFAULTS", "TrainingConfigError", "load_config",
+    "BEST_MODEL_METRICS",
+    "DATA_KEYS",
+    "LLPR_MODEL_DEFAULTS",
+    "LLPR_TRAINING_DEFAULTS",
+    "TOP_LEVEL_KEYS",
+    "TRAINING_DEFAULTS",
+    "TrainingConfigError",
+    "load_config",
     "normalise_config",
 ]
 
@@ -70,8 +76,15 @@ LLPR_TRAINING_DEFAULTS: dict[str, Any] = {
     "distributed": False,
 }
 LLPR_MODEL_DEFAULTS: dict[str, Any] = {"num_ensemble_members": {}}
-DATA_KEYS = {"train", "val", "test", "energy_key", "forces_key", "stress_key",
-             "isolated_atom_energies"}
+DATA_KEYS = {
+    "train",
+    "val",
+    "test",
+    "energy_key",
+    "forces_key",
+    "stress_key",
+    "isolated_atom_energies",
+}
 TOP_LEVEL_KEYS = {"seed", "device", "data", "architecture"}
 ARCHITECTURE_KEYS = ("name", "model", "training", "species")
 BEST_MODEL_METRICS = ("rmse_prod", "mae_prod", "loss")

@@ -24,8 +24,15 @@ from pes_calc.neighbors import atoms_to_graph
 
 # batch_order and iterate_batches live in pes_calc.graph, importable from here too
 __all__ = [
-    "DEFAULT_KEYS", "DatasetError", "LabelKeys", "batch_order", "extract_labels",
-    "iterate_batches", "labelled_graphs", "load_graphs", "read_structures",
+    "DEFAULT_KEYS",
+    "DatasetError",
+    "LabelKeys",
+    "batch_order",
+    "extract_labels",
+    "iterate_batches",
+    "labelled_graphs",
+    "load_graphs",
+    "read_structures",
     "species_in",
 ]
 
@@ -59,7 +66,7 @@ def read_structures(path: str | os.PathLike, index: str = ":") -> list[ase.Atoms
     if not os.path.isfile(path):
         raise DatasetError(f"no dataset file at {path}")
     try:
-        structures = ase.io.read(path, index=index)
+        structures = ase.io.read(os.fspath(path), index=index)
     except Exception as error:  # ASE raises many kinds for unreadable files
         raise DatasetError(f"cannot read {path} with ASE: {error}") from error
     if isinstance(structures, ase.Atoms):
@@ -113,7 +120,8 @@ def extract_labels(
         values = [_lookup(atoms, key) for atoms in structures]
         if all(value is None for value in values):
             available = sorted(
-                set(structures[0].info) | set(structures[0].arrays)
+                set(structures[0].info)
+                | set(structures[0].arrays)
                 | set(getattr(structures[0].calc, "results", {}) or {})
             )
             default = DEFAULT_KEYS[f"{label}_key"] == key

@@ -275,8 +275,9 @@ def parity_plot(evaluation: Evaluation, path: str, title: str = "") -> None:
     for axis, name in zip(axes[0], names, strict=True):
         predicted, target = evaluation.arrays(name)
         axis.scatter(target, predicted, s=4, alpha=0.5, linewidths=0)
-        low, high = float(np.min([target.min(), predicted.min()])), float(
-            np.max([target.max(), predicted.max()])
+        low, high = (
+            float(np.min([target.min(), predicted.min()])),
+            float(np.max([target.max(), predicted.max()])),
         )
         axis.plot([low, high], [low, high], color="black", linewidth=0.8)
         axis.set_xlabel(f"reference {name} ({QUANTITIES[name]})")
@@ -299,19 +300,19 @@ def calibration_plot(evaluation: Evaluation, path: str, title: str = "") -> None
         raise ValueError("the evaluation holds no predicted uncertainties to plot")
     metrics = evaluation.metrics()
     figure = Figure(figsize=(8.4, 4.2 * len(names)))
-    axes = figure.subplots(
-        len(names), 2, squeeze=False
-    )
+    axes = figure.subplots(len(names), 2, squeeze=False)
     for (binned, histogram), name in zip(axes, names, strict=True):
         residuals, sigmas = evaluation.calibration_arrays(name)
         unit = CALIBRATED[name]
         rms_sigma, rms_error, _ = calibration_bins(residuals, sigmas)
         low = float(min(rms_sigma.min(), rms_error[rms_error > 0].min(initial=np.inf)))
         high = float(max(rms_sigma.max(), rms_error.max()))
-        binned.plot([low, high], [low, high], color="black", linewidth=0.8,
-                    label="y = x")
-        binned.plot(rms_sigma, rms_error, "o-", markersize=4,
-                    label=f"{len(rms_sigma)} bins")
+        binned.plot(
+            [low, high], [low, high], color="black", linewidth=0.8, label="y = x"
+        )
+        binned.plot(
+            rms_sigma, rms_error, "o-", markersize=4, label=f"{len(rms_sigma)} bins"
+        )
         binned.set_xscale("log")
         binned.set_yscale("log")
         # same decades on both axes, so that the diagonal is at 45°
@@ -332,11 +333,22 @@ def calibration_plot(evaluation: Evaluation, path: str, title: str = "") -> None
         limit = 5.0
         outside = float(np.mean(np.abs(z) > limit))
         bins = int(np.clip(math.sqrt(z.size), 10, 50))  # few structures, few bins
-        histogram.hist(z, bins=bins, range=(-limit, limit), density=True, alpha=0.6,
-                       label=f"{name} ({100 * outside:.1f}% beyond ±{limit:g})")
+        histogram.hist(
+            z,
+            bins=bins,
+            range=(-limit, limit),
+            density=True,
+            alpha=0.6,
+            label=f"{name} ({100 * outside:.1f}% beyond ±{limit:g})",
+        )
         grid = np.linspace(-limit, limit, 201)
-        histogram.plot(grid, np.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi),
-                       color="black", linewidth=0.8, label="N(0, 1)")
+        histogram.plot(
+            grid,
+            np.exp(-0.5 * grid**2) / math.sqrt(2 * math.pi),
+            color="black",
+            linewidth=0.8,
+            label="N(0, 1)",
+        )
         histogram.set_xlabel("z = (predicted - reference) / σ")
         histogram.set_ylabel("density")
         histogram.set_title(f"{name}: NLL {metrics[f'{name}_nll']:.3f} (nats, {unit})")

@@ -27,10 +27,19 @@ from pes_calc.llpr import LLPR, column_gradients
 from pes_calc.potential import Potential
 
 __all__ = [
-    "CALIBRATION_METHODS", "FACTOR_TOLERANCE", "SMALLEST_REGULARIZER",
-    "LinearisedEnsemble", "calibrate", "calibration_factor", "factorise",
-    "fit_covariance", "gaussian_crps", "linearise", "raw_energy_errors",
-    "sample_ensemble", "wrap",
+    "CALIBRATION_METHODS",
+    "FACTOR_TOLERANCE",
+    "SMALLEST_REGULARIZER",
+    "LinearisedEnsemble",
+    "calibrate",
+    "calibration_factor",
+    "factorise",
+    "fit_covariance",
+    "gaussian_crps",
+    "linearise",
+    "raw_energy_errors",
+    "sample_ensemble",
+    "wrap",
 ]
 
 CALIBRATION_METHODS = ("absolute_residuals", "squared_residuals", "crps")
@@ -97,9 +106,11 @@ def factorise(llpr: LLPR, regularizer: float | None = None) -> float:
     identity = torch.eye(
         covariance.shape[0], dtype=torch.float64, device=covariance.device
     )
-    candidates = [float(regularizer)] if regularizer is not None else [
-        SMALLEST_REGULARIZER * 10.0**k for k in range(40)
-    ]
+    candidates = (
+        [float(regularizer)]
+        if regularizer is not None
+        else [SMALLEST_REGULARIZER * 10.0**k for k in range(40)]
+    )
     for value in candidates:
         regularized = covariance + value**2 * identity
         factor, info = torch.linalg.cholesky_ex(regularized)
@@ -260,8 +271,13 @@ def wrap(
 # ------------------------------------------------- ensemble training, frozen model
 
 # keys of the per-graph cache `linearise` adds to graph.properties
-_CACHED = ("llpr_energy", "llpr_forces", "llpr_stress", "llpr_structure_features",
-           "llpr_feature_jacobian")
+_CACHED = (
+    "llpr_energy",
+    "llpr_forces",
+    "llpr_stress",
+    "llpr_structure_features",
+    "llpr_feature_jacobian",
+)
 
 
 def linearise(
@@ -279,16 +295,14 @@ def linearise(
     dtype = _model_dtype(llpr)
     result = []
     for graph in graphs:
-        graph = graph._replace(properties={
-            k: v for k, v in graph.properties.items() if k not in _CACHED
-        })
+        graph = graph._replace(
+            properties={k: v for k, v in graph.properties.items() if k not in _CACHED}
+        )
         moved = graph_to(graph, device, dtype)
         outputs, positions, strain = llpr.potential.predict_energies(
             moved, True, compute_stress
         )
-        features = llpr.llpr_features(
-            outputs[keys.LAST_LAYER_FEATURES], moved.species
-        )
+        features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], moved.species)
         structure_features = sum_per_structure(features, moved)  # (1, F)
         outputs = llpr.potential.add_derivatives(
             outputs, moved, positions, strain, True, compute_stress, True
@@ -337,12 +351,13 @@ class LinearisedEnsemble(nn.Module):
         if compute_forces:
             forces = properties["llpr_forces"]
             deviations = torch.einsum(
-                "nfa,fm->mna", properties["llpr_feature_jacobian"].to(torch.float64),
+                "nfa,fm->mna",
+                properties["llpr_feature_jacobian"].to(torch.float64),
                 displacements,
             )
             outputs[keys.FORCES] = forces
-            outputs[keys.FORCES_ENSEMBLE] = (
-                forces.unsqueeze(0) - deviations.to(forces.dtype)
+            outputs[keys.FORCES_ENSEMBLE] = forces.unsqueeze(0) - deviations.to(
+                forces.dtype
             )
         if compute_stress and "llpr_stress" in properties:
             outputs[keys.STRESS] = properties["llpr_stress"]

@@ -50,8 +50,15 @@ class LLPRSetup(ModelSetup):
 
     def model(self, data: TrainingData, device: torch.device, verbose: bool) -> LLPR:
         # a wrapper keeps the statistics its model was trained with
-        return _fit_llpr(self.base, self.section, self.config["seed"],
-                         data.train_graphs, data.val_graphs, device, verbose)
+        return _fit_llpr(
+            self.base,
+            self.section,
+            self.config["seed"],
+            data.train_graphs,
+            data.val_graphs,
+            device,
+            verbose,
+        )
 
     def loss(self, available: Sequence[str]) -> TotalLoss:
         return ensemble_loss_from_config(self.training["loss"], available)
@@ -90,8 +97,9 @@ class LLPRSetup(ModelSetup):
         model.state.ensemble_displacements.requires_grad_(False)
         if not (self.training["train_all_parameters"] and self.training["num_epochs"]):
             return False
-        _refit_llpr_uncertainty(model, self.training, data.train_graphs,
-                                data.val_graphs, device)
+        _refit_llpr_uncertainty(
+            model, self.training, data.train_graphs, data.val_graphs, device
+        )
         return True
 
 
@@ -152,6 +160,9 @@ def _refit_llpr_uncertainty(
     fit_covariance(model, train_graphs, training["batch_size"], device)
     model.config["llpr"]["regularizer"] = factorise(model, training["regularizer"])
     model.config["llpr"]["multiplier"] = calibrate(
-        model, val_graphs, training["calibration_method"], training["batch_size"],
+        model,
+        val_graphs,
+        training["calibration_method"],
+        training["batch_size"],
         device,
     )

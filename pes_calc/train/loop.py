@@ -128,12 +128,18 @@ def train(
     parameters = [p for p in model.parameters() if p.requires_grad]
     num_epochs = training["num_epochs"] or 0  # llpr: null means no ensemble training
     optimizer = torch.optim.Adam(
-        parameters, lr=training["learning_rate"],
+        parameters,
+        lr=training["learning_rate"],
         weight_decay=training["weight_decay"] or 0.0,
     )
     steps_per_epoch = len(
-        batch_order(len(data.train_graphs), training["batch_size"], shuffle=True,
-                    rank=distributed.rank, world_size=distributed.world_size)
+        batch_order(
+            len(data.train_graphs),
+            training["batch_size"],
+            shuffle=True,
+            rank=distributed.rank,
+            world_size=distributed.world_size,
+        )
     )
     total_steps = steps_per_epoch * num_epochs
     scheduler = _scheduler(optimizer, training["warmup_fraction"], total_steps)
@@ -142,8 +148,14 @@ def train(
     checkpoint_path = outdir / "checkpoint.pt"
     model_path = outdir / "model.safetensors"
     log_path = outdir / "train.csv"
-    state, best_state = _resume(checkpoint_path, config, model, optimizer, scheduler,
-                                announce=distributed.is_main)
+    state, best_state = _resume(
+        checkpoint_path,
+        config,
+        model,
+        optimizer,
+        scheduler,
+        announce=distributed.is_main,
+    )
     elapsed_before = state["elapsed_s"]
     log_rows: list[dict[str, Any]] = read_log(log_path, state["epoch"])
 
@@ -157,7 +169,12 @@ def train(
             fitted, find_unused_parameters=len(data.species) > 1
         )
     step = _Optimization(
-        trained, model, loss_fn, parameters, optimizer, scheduler,
+        trained,
+        model,
+        loss_fn,
+        parameters,
+        optimizer,
+        scheduler,
         training["grad_clip_norm"],
         compute_forces=keys.FORCES in loss_fn.required_properties,
         compute_stress=keys.STRESS in loss_fn.required_properties,
@@ -166,9 +183,15 @@ def train(
 
     bar = progress_bar(verbose, total_steps, state["epoch"] * steps_per_epoch)
     for epoch in range(state["epoch"] + 1, num_epochs + 1):
-        order = batch_order(len(train_graphs), training["batch_size"], shuffle=True,
-                            seed=config["seed"], epoch=epoch, rank=distributed.rank,
-                            world_size=distributed.world_size)
+        order = batch_order(
+            len(train_graphs),
+            training["batch_size"],
+            shuffle=True,
+            seed=config["seed"],
+            epoch=epoch,
+            rank=distributed.rank,
+            world_size=distributed.world_size,
+        )
         batches = iterate_batches(train_graphs, order, device, dtype)
         row = _train_epoch(step, batches, epoch, distributed, bar, checkpoint_path)
 
@@ -176,8 +199,9 @@ def train(
         improved = False
         if validate and distributed.is_main:
             metrics, val_loss = _validate(fitted, val_graphs, loss_fn, training, device)
-            improved = _record_validation(epoch, row, state, metrics, val_loss,
-                                          training)
+            improved = _record_validation(
+                epoch, row, state, metrics, val_loss, training
+            )
             report_epoch(epoch, row["train_loss"], metrics, bar, progress)
         # rank 0 validates; every rank keeps the same best weights
         if validate and distributed.broadcast_flag(improved):
@@ -191,8 +215,15 @@ def train(
             log_rows.append(row)
             write_log(log_path, log_rows)
             if epoch % training["checkpoint_interval"] == 0 or epoch == num_epochs:
-                write_checkpoint(checkpoint_path, config, model, best_state, optimizer,
-                                 scheduler, state)
+                write_checkpoint(
+                    checkpoint_path,
+                    config,
+                    model,
+                    best_state,
+                    optimizer,
+                    scheduler,
+                    state,
+                )
         for callback in callbacks:
             callback(epoch, row)
     if bar is not None:
@@ -248,16 +279,23 @@ def _resume(
     """The loop state and best weights after the checkpoint at ``path`` (loaded
     into ``model``, ``optimizer`` and ``scheduler``), or those of a fresh run."""
     if not path.exists():
-        state = {"epoch": 0, "best_value": math.inf, "best_epoch": 0,
-                 "best_metrics": {}, "elapsed_s": 0.0}
+        state = {
+            "epoch": 0,
+            "best_value": math.inf,
+            "best_epoch": 0,
+            "best_metrics": {},
+            "elapsed_s": 0.0,
+        }
         return state, copy.deepcopy(model.state_dict())
     checkpoint = read_checkpoint(path, config)
     model.load_state_dict(checkpoint["model"])
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     if announce:
-        print(f"resuming {path.parent} after epoch {checkpoint['state']['epoch']}",
-              flush=True)
+        print(
+            f"resuming {path.parent} after epoch {checkpoint['state']['epoch']}",
+            flush=True,
+        )
     return checkpoint["state"], checkpoint["best_model"]
 
 
@@ -346,8 +384,13 @@ def _validate(
     derivatives)."""
     model.eval()
     try:
-        evaluation = measure_errors(model, graphs, batch_size=training["batch_size"],
-                                    device=device, loss_fn=loss_fn)
+        evaluation = measure_errors(
+            model,
+            graphs,
+            batch_size=training["batch_size"],
+            device=device,
+            loss_fn=loss_fn,
+        )
         metrics = evaluation.metrics()
         val_loss = evaluation.mean_loss
     finally:
@@ -393,8 +436,9 @@ def _test_errors(
         return {}
     graphs = load_graphs(test, data.species, data.cutoff, data.label_keys, dtype)
     batch_size = config["architecture"]["training"]["batch_size"]
-    metrics = measure_errors(model, graphs, batch_size=batch_size, device=device,
-                             dtype=dtype).metrics()
+    metrics = measure_errors(
+        model, graphs, batch_size=batch_size, device=device, dtype=dtype
+    ).metrics()
     if progress:
         print(f"test ({test}): {format_metrics(metrics)}", flush=True)
     return metrics

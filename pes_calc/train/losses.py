@@ -166,7 +166,7 @@ class TotalLoss(nn.Module):
         """The weighted total and each term's unweighted value (keyed by name)."""
         terms = {loss.name: loss(model, graph, predictions) for loss in self.losses}
         total = sum(loss.weight * terms[loss.name] for loss in self.losses)
-        return total, terms
+        return total, terms  # type: ignore[return-value]  # (module attributes)
 
 
 class EnsembleNLLLoss(Loss):

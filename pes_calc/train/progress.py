@@ -29,8 +29,9 @@ def report_epoch(
     progress: bool,
 ) -> None:
     """The epoch's line: above the progress bar, or printed without one."""
-    message = (f"epoch {epoch:>4} | loss {train_loss:.4g} | "
-               f"val {format_metrics(metrics)}")
+    message = (
+        f"epoch {epoch:>4} | loss {train_loss:.4g} | val {format_metrics(metrics)}"
+    )
     if bar is not None and not bar.disable:
         bar.set_postfix_str(format_metrics(metrics))
         bar.write(message)
@@ -43,5 +44,11 @@ def progress_bar(enabled: bool, total: int, initial: int) -> tqdm | None:
     if not enabled:
         return None
     # disable=None: a bar on terminals, the per-epoch lines alone in log files
-    return tqdm(total=total, initial=initial, unit="batch", dynamic_ncols=True,
-                desc="training", disable=None)
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="batch",
+        dynamic_ncols=True,
+        desc="training",
+        disable=None,
+    )

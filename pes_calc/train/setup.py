@@ -42,7 +42,11 @@ from pes_calc.train.stats import (
 )
 
 __all__ = [
-    "FineTuneSetup", "FreshSetup", "ModelSetup", "TrainingData", "per_type_values",
+    "FineTuneSetup",
+    "FreshSetup",
+    "ModelSetup",
+    "TrainingData",
+    "per_type_values",
     "read_training_data",
 ]
 
@@ -130,8 +134,14 @@ class FreshSetup(ModelSetup):
         hypers = resolve_stats(self.section["model"], data.stats, "architecture.model.")
         hypers.setdefault("seed", self.config["seed"])
         model = build_model(self.name, data.species, **hypers)
-        _set_shifts_and_scales(model, self.section["model"], self.training,
-                               self.config["data"], data.train_graphs, data.stats)
+        _set_shifts_and_scales(
+            model,
+            self.section["model"],
+            self.training,
+            self.config["data"],
+            data.train_graphs,
+            data.stats,
+        )
         model.config["training_data_stats"] = data.stats
         return model
 
@@ -161,12 +171,14 @@ def read_training_data(config: Mapping[str, Any], setup: ModelSetup) -> Training
     structures = read_structures(data["train"])
     labels = extract_labels(structures, label_keys, name=str(data["train"]))
     species, cutoff = setup.species_and_cutoff(structures)
-    train_graphs = labelled_graphs(structures, labels, species, cutoff,
-                                   name=str(data["train"]))
+    train_graphs = labelled_graphs(
+        structures, labels, species, cutoff, name=str(data["train"])
+    )
     val_graphs = load_graphs(data["val"], species, cutoff, label_keys)
     stats = training_data_stats(train_graphs, species)
-    return TrainingData(label_keys, list(species), cutoff, train_graphs, val_graphs,
-                        stats)
+    return TrainingData(
+        label_keys, list(species), cutoff, train_graphs, val_graphs, stats
+    )
 
 
 def _model_to_finetune(spec: Any, name: str) -> Potential:
@@ -177,6 +189,10 @@ def _model_to_finetune(spec: Any, name: str) -> Potential:
             "finetune needs read_from: the model file to start from"
         )
     model = load_model(path)
+    if isinstance(model, LLPR):
+        raise TrainingConfigError(
+            f"finetune: {path} is an LLPR model; fine-tune the model it wraps"
+        )
     if model.config["name"] != name:
         raise TrainingConfigError(
             f"finetune: {path} is a {model.config['name']} model, but the config "
@@ -198,8 +214,9 @@ def _set_shifts_and_scales(
     species = model.species
     fixed_by_symbol = {
         **(data.get("isolated_atom_energies") or {}),
-        **per_type_values(training["fixed_composition_weights"],
-                          "fixed_composition_weights"),
+        **per_type_values(
+            training["fixed_composition_weights"], "fixed_composition_weights"
+        ),
     }
     unknown = set(fixed_by_symbol) - set(species)
     if unknown:

@@ -384,7 +384,9 @@ def main() -> None:
     args = parser.parse_args()
     common = {**harness.DEFAULT_SPEC, **json.loads(args.spec)}
     artefacts = args.artefacts or ARTEFACTS[args.peer]
-    info = prepare(args.peer, artefacts, args.cache, common["device"], common["threads"])
+    info = prepare(
+        args.peer, artefacts, args.cache, common["device"], common["threads"]
+    )
     if args.prepare_only:
         args.json.write_text(json.dumps(info, indent=1))
         return

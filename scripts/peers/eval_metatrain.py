@@ -14,7 +14,8 @@ independently of metatrain's own logging, so the numbers are in the same units a
 pes_calc's own test metrics.  ``--fd-check`` compares forces and one stress component
 of the first test structure against central finite differences.
 
-Usage: python eval_metatrain.py model.pt test.xyz [--extensions-directory DIR] [--json out.json]
+Usage: python eval_metatrain.py model.pt test.xyz [--extensions-directory DIR]
+       [--json out.json]
 """
 
 import argparse
@@ -78,8 +79,9 @@ def main():
     torch.set_num_threads(1)
 
     frames = ase.io.read(args.test, ":")
-    calc = MetatomicCalculator(args.model, extensions_directory=args.extensions_directory,
-                               device="cpu")
+    calc = MetatomicCalculator(
+        args.model, extensions_directory=args.extensions_directory, device="cpu"
+    )
     if args.fd_check:
         fd_check(calc, frames[0])
     de, df, ds = [], [], []
@@ -106,14 +108,20 @@ def main():
             s_ref = np.asarray(s_ref)
             if s_ref.shape == (6,):
                 from ase.stress import voigt_6_to_full_3x3_stress
+
                 s_ref = voigt_6_to_full_3x3_stress(s_ref)
             ds.append((s - s_ref.reshape(3, 3)).ravel())
             g["ds"].append(ds[-1])
     wall = time.perf_counter() - t0
     de = np.array(de)
     df = np.concatenate(df)
-    rmse = lambda x: float(np.sqrt(np.mean(np.square(x))))
-    mae = lambda x: float(np.mean(np.abs(x)))
+
+    def rmse(x):
+        return float(np.sqrt(np.mean(np.square(x))))
+
+    def mae(x):
+        return float(np.mean(np.abs(x)))
+
     out = {
         "n_structures": len(frames),
         "n_atoms": n_atoms,
@@ -126,17 +134,21 @@ def main():
     }
     if ds:
         ds = np.concatenate(ds)
-        out.update({
-            "stress_rmse_meV_per_A3": 1e3 * rmse(ds),
-            "stress_mae_meV_per_A3": 1e3 * mae(ds),
-            "stress_rmse_GPa": rmse(ds) / ase.units.GPa,
-            "stress_mae_GPa": mae(ds) / ase.units.GPa,
-        })
+        out.update(
+            {
+                "stress_rmse_meV_per_A3": 1e3 * rmse(ds),
+                "stress_mae_meV_per_A3": 1e3 * mae(ds),
+                "stress_rmse_GPa": rmse(ds) / ase.units.GPa,
+                "stress_mae_GPa": mae(ds) / ase.units.GPa,
+            }
+        )
     by_type = {}
     for name, g in sorted(groups.items()):
-        entry = {"n_structures": len(g["de"]),
-                 "energy_rmse_meV_per_atom": 1e3 * rmse(np.array(g["de"])),
-                 "force_rmse_meV_per_A": 1e3 * rmse(np.concatenate(g["df"]))}
+        entry = {
+            "n_structures": len(g["de"]),
+            "energy_rmse_meV_per_atom": 1e3 * rmse(np.array(g["de"])),
+            "force_rmse_meV_per_A": 1e3 * rmse(np.concatenate(g["df"])),
+        }
         if g["ds"]:
             entry["stress_rmse_meV_per_A3"] = 1e3 * rmse(np.concatenate(g["ds"]))
         by_type[name] = entry
@@ -144,8 +156,13 @@ def main():
         print(f"{k:28s} {v:.6g}" if isinstance(v, float) else f"{k:28s} {v}")
     print("by config_type:")
     for name, entry in by_type.items():
-        print(f"  {name:20s} " + "  ".join(
-            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in entry.items()))
+        print(
+            f"  {name:20s} "
+            + "  ".join(
+                f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                for k, v in entry.items()
+            )
+        )
     out["by_config_type"] = by_type
     if args.json:
         with open(args.json, "w") as fh:

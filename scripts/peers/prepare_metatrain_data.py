@@ -32,8 +32,9 @@ def prepare(src: str, dst: str) -> None:
             results["stress"] = np.full(6, np.nan)
             n_nan += 1
         new = atoms.copy()
-        new.calc = SinglePointCalculator(new, **{
-            k: results[k] for k in ("energy", "forces", "stress")})
+        new.calc = SinglePointCalculator(
+            new, **{k: results[k] for k in ("energy", "forces", "stress")}
+        )
         out.append(new)
     ase.io.write(dst, out, format="extxyz")
     # round-trip check: every frame must come back with a stress
@@ -46,5 +47,5 @@ if __name__ == "__main__":
     args = sys.argv[1:]
     if not args or len(args) % 2:
         sys.exit(__doc__)
-    for src, dst in zip(args[::2], args[1::2]):
+    for src, dst in zip(args[::2], args[1::2], strict=True):
         prepare(src, dst)

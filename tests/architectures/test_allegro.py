@@ -57,14 +57,16 @@ def from_irreps_layout(x: Tensor, irreps: o3.Irreps) -> Tensor:
     """e3nn's layout (E, C×ir₀ + C×ir₁ + ...) → channel-major (E, C, Σ 2l+1)."""
     blocks = x.split([mul * ir.dim for mul, ir in irreps], dim=-1)
     return torch.cat(
-        [b.reshape(len(x), mul, ir.dim) for b, (mul, ir) in zip(blocks, irreps)], dim=-1
+        [
+            b.reshape(len(x), mul, ir.dim)
+            for b, (mul, ir) in zip(blocks, irreps, strict=True)
+        ],
+        dim=-1,
     )
 
 
 def small_model(species=("Cu", "Ag"), **hypers):
     return build_model("allegro", list(species), **{**SMALL, **hypers})
-
-
 
 
 def cluster() -> ase.Atoms:
@@ -330,7 +332,9 @@ def test_channel_tensor_product_is_equivariant(coupling):
     # the same numbers as e3nn's forward, which holds (or is given) the weights
     weight = channel_tensor_product.path_weights.repeat_interleave(4)
     expected = irreps(x, y) if coupling else irreps(x, y, weight)
-    torch.testing.assert_close(tensor_product(x, y), expected, rtol=0, atol=1e-12 * scale)
+    torch.testing.assert_close(
+        tensor_product(x, y), expected, rtol=0, atol=1e-12 * scale
+    )
     # e3nn's Wigner D matrices are good to ~1e-7 (relative) in float64
     assert_equivariant(
         tensor_product,
@@ -356,11 +360,15 @@ def test_weighted_harmonics_layout_is_channel_major():
         expected = weights[:, :, degree, None] * harmonics[:, rows][:, None]
         torch.testing.assert_close(out[:, :, rows], expected, rtol=0, atol=0)
     irreps_out = o3.Irreps("3x0e+3x1o+3x2e")
-    assert torch.equal(from_irreps_layout(to_irreps_layout(out, irreps_out), irreps_out), out)
+    assert torch.equal(
+        from_irreps_layout(to_irreps_layout(out, irreps_out), irreps_out), out
+    )
     assert_equivariant(
         lambda v: to_irreps_layout(
             weighted_harmonics(
-                weights, o3.spherical_harmonics(irreps_sh, v, normalize=True), irrep_index(irreps_sh)
+                weights,
+                o3.spherical_harmonics(irreps_sh, v, normalize=True),
+                irrep_index(irreps_sh),
             ),
             irreps_out,
         ),

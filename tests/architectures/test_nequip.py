@@ -20,8 +20,8 @@ from helpers import bulk, run
 
 from pes_calc import build_model, keys, save_model
 from pes_calc.architectures.nequip import DEFAULT_HYPERS, hidden_irreps
-from pes_calc.cli import main as cli
 from pes_calc.artefacts import load_artefact, read_artefact_metadata
+from pes_calc.cli import main as cli
 from pes_calc.compile import compile_model
 from pes_calc.graph import edge_vectors, with_positions_and_cell
 from pes_calc.neighbors import atoms_to_graph
@@ -40,8 +40,6 @@ SHIFTS = [-3.5, -1.25]
 
 def small_model(species=("Cu", "Ag"), **hypers):
     return build_model("nequip", list(species), **{**SMALL, **hypers})
-
-
 
 
 def cluster(symbols="CuAgCuCuAg", seed=0) -> ase.Atoms:

@@ -48,7 +48,6 @@ def cluster(symbols="CuAgCuCuAgCu", seed=0) -> ase.Atoms:
     )
 
 
-
 def linear_layers(network):
     return [m for m in network.modules() if isinstance(m, torch.nn.Linear)]
 

@@ -88,7 +88,11 @@ def test_normalized_mlp_structure_and_init():
     torch.manual_seed(0)
     mlp = MLP(48, [256, 256], 300, normalized=True, nonlinearity="tanh", bias=True)
     assert [type(m) for m in mlp] == [
-        nn.Linear, NormalizedActivation, nn.Linear, NormalizedActivation, nn.Linear
+        nn.Linear,
+        NormalizedActivation,
+        nn.Linear,
+        NormalizedActivation,
+        nn.Linear,
     ]
     activations = [m.activation for m in mlp if isinstance(m, NormalizedActivation)]
     assert all(type(a) is nn.Tanh for a in activations)
@@ -96,7 +100,9 @@ def test_normalized_mlp_structure_and_init():
         fan_in = linear.in_features
         bound = math.sqrt(3.0 / fan_in)
         assert linear.weight.abs().max() <= bound
-        assert float(linear.weight.detach().std()) == pytest.approx(fan_in**-0.5, rel=0.05)
+        assert float(linear.weight.detach().std()) == pytest.approx(
+            fan_in**-0.5, rel=0.05
+        )
         assert torch.all(linear.bias == 0)
     # no nonlinearity: plain identities, nothing to scale
     linear_only = MLP(3, [5], 2, nonlinearity=None, normalized=True)

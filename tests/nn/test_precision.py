@@ -135,7 +135,9 @@ def test_other_threads_are_not_affected():
     thread.join(timeout=10)
     assert here == torch.float64
     assert seen == {
-        "zeros": torch.float32, "tensor": torch.float32, "linear": torch.float32
+        "zeros": torch.float32,
+        "tensor": torch.float32,
+        "linear": torch.float32,
     }
 
 

@@ -5,8 +5,8 @@ import torch
 from e3nn import o3
 
 from pes_calc.architectures.nequip import Interaction, hidden_irreps
-from pes_calc.nn.precision import float64_construction
 from pes_calc.nn import tensor_product
+from pes_calc.nn.precision import float64_construction
 from pes_calc.nn.scatter import scatter_sum
 from pes_calc.nn.tensor_product import EdgeTensorProduct
 
@@ -41,7 +41,7 @@ def _assert_same_values_and_gradients(result, expected, inputs):
     probe = torch.randn_like(expected)
     grads = torch.autograd.grad((result * probe).sum(), inputs, retain_graph=True)
     expected_grads = torch.autograd.grad((expected * probe).sum(), inputs)
-    for grad, expected_grad in zip(grads, expected_grads):
+    for grad, expected_grad in zip(grads, expected_grads, strict=True):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-12, atol=1e-12)
 
 
@@ -92,7 +92,8 @@ def test_edge_chunks_do_not_change_the_result(edge_chunk):
 
 def test_second_derivatives_for_training_on_forces():
     """Training differentiates the forces: the chunked operator's backward pass
-    recomputes under create_graph, which records it (gradgradcheck: finite differences)."""
+    recomputes under create_graph, which records it (gradgradcheck: finite
+    differences)."""
     with float64_construction():
         tp = _nequip_tensor_product(o3.Irreps("2x0e+2x1o"), 1, True)
         convolution = EdgeTensorProduct(tp)

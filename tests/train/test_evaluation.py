@@ -28,9 +28,11 @@ class Constant(torch.nn.Module):
         counts = torch.bincount(graph.structure_index, minlength=graph.cell.shape[0])
         forces = torch.zeros(n, 3, dtype=torch.float64)
         forces[:, 0] = 1.0
-        return {"energy": 2.0 * counts.double() + self.weight,
-                "forces": forces,
-                "stress": torch.zeros(graph.cell.shape[0], 3, 3, dtype=torch.float64)}
+        return {
+            "energy": 2.0 * counts.double() + self.weight,
+            "forces": forces,
+            "stress": torch.zeros(graph.cell.shape[0], 3, 3, dtype=torch.float64),
+        }
 
 
 @pytest.fixture(scope="module")
@@ -46,21 +48,29 @@ def test_errors_over_the_whole_set_whatever_the_batches(graphs, batch_size):
     metrics = measure_errors(Constant(), graph_list, batch_size=batch_size).metrics()
     energy_errors = [2.0 - a.get_potential_energy() / len(a) for a in structures]
     force_errors = np.concatenate(
-        [(np.array([1.0, 0, 0]) - a.get_forces()).ravel() for a in structures])
+        [(np.array([1.0, 0, 0]) - a.get_forces()).ravel() for a in structures]
+    )
     # the cluster has no stress: only the three cells count
     stress_errors = np.concatenate(
-        [-a.get_stress(voigt=False).ravel() for a in structures[:3]])
+        [-a.get_stress(voigt=False).ravel() for a in structures[:3]]
+    )
     assert metrics["energy_per_atom_rmse"] == pytest.approx(
-        math.sqrt(np.mean(np.square(energy_errors))))
+        math.sqrt(np.mean(np.square(energy_errors)))
+    )
     assert metrics["energy_per_atom_mae"] == pytest.approx(
-        np.mean(np.abs(energy_errors)))
+        np.mean(np.abs(energy_errors))
+    )
     assert metrics["forces_rmse"] == pytest.approx(
-        np.sqrt(np.mean(force_errors**2)), rel=1e-6)
+        np.sqrt(np.mean(force_errors**2)), rel=1e-6
+    )
     assert metrics["stress_mae"] == pytest.approx(
-        np.mean(np.abs(stress_errors)), rel=1e-6)
+        np.mean(np.abs(stress_errors)), rel=1e-6
+    )
     assert metrics["rmse_prod"] == pytest.approx(
-        metrics["energy_per_atom_rmse"] * metrics["forces_rmse"]
-        * metrics["stress_rmse"])
+        metrics["energy_per_atom_rmse"]
+        * metrics["forces_rmse"]
+        * metrics["stress_rmse"]
+    )
     assert metrics["num_structures"] == 4
 
 
@@ -79,7 +89,8 @@ def test_non_uncertainty_models_report_exactly_the_error_keys(graphs):
     _, graph_list = graphs
     metrics = measure_errors(Constant(), graph_list).metrics()
     assert set(metrics) == {
-        f"{q}_{kind}" for q in ("energy_per_atom", "forces", "stress")
+        f"{q}_{kind}"
+        for q in ("energy_per_atom", "forces", "stress")
         for kind in ("rmse", "mae")
     } | {"mae_prod", "num_structures", "rmse_prod"}
 
@@ -112,9 +123,12 @@ def test_calibration_metrics_against_hand_computed_values():
     squared_z = [1.0, 4.0, 2.25]
     assert metrics["mean_squared_z"] == pytest.approx(7.25 / 3)
     assert metrics["nll"] == pytest.approx(
-        (0.5 * (math.log(2 * math.pi * 0.01) + 1.0)
-         + 0.5 * (math.log(2 * math.pi * 0.01) + 4.0)
-         + 0.5 * (math.log(2 * math.pi * 0.04) + 2.25)) / 3
+        (
+            0.5 * (math.log(2 * math.pi * 0.01) + 1.0)
+            + 0.5 * (math.log(2 * math.pi * 0.01) + 4.0)
+            + 0.5 * (math.log(2 * math.pi * 0.04) + 2.25)
+        )
+        / 3
     )
     density = np.exp(-0.5 * np.array(squared_z)) / np.sqrt(2 * np.pi * sigmas**2)
     assert metrics["nll"] == pytest.approx(np.mean(-np.log(density)))
@@ -126,12 +140,15 @@ def test_calibration_metrics_against_hand_computed_values():
 def test_doubling_sigma_quarters_the_mean_squared_z():
     rng = np.random.default_rng(0)
     residuals, sigmas = rng.normal(size=50), rng.uniform(0.5, 2.0, size=50)
-    once, twice = calibration_metrics(residuals, sigmas), calibration_metrics(
-        residuals, 2 * sigmas)
+    once, twice = (
+        calibration_metrics(residuals, sigmas),
+        calibration_metrics(residuals, 2 * sigmas),
+    )
     assert twice["mean_squared_z"] == pytest.approx(once["mean_squared_z"] / 4)
     # ½ log(4σ²) = ½ log σ² + log 2, and the z² term is quartered
     assert twice["nll"] == pytest.approx(
-        once["nll"] + math.log(2) - 0.375 * once["mean_squared_z"])
+        once["nll"] + math.log(2) - 0.375 * once["mean_squared_z"]
+    )
     assert twice["spearman"] == pytest.approx(once["spearman"])
     assert twice["uncertainty_mean"] == pytest.approx(2 * once["uncertainty_mean"])
 
@@ -144,7 +161,8 @@ def test_calibrated_gaussian_errors_score_one():
     assert metrics["mean_squared_z"] == pytest.approx(1.0, abs=0.01)
     # the Gaussian entropy: E[NLL] = E[½ log(2π σ²)] + ½
     assert metrics["nll"] == pytest.approx(
-        np.mean(0.5 * np.log(2 * np.pi * sigmas**2)) + 0.5, abs=0.005)
+        np.mean(0.5 * np.log(2 * np.pi * sigmas**2)) + 0.5, abs=0.005
+    )
     rms_sigma, rms_error, counts = calibration_bins(residuals, sigmas)
     assert counts.sum() == sigmas.size and len(counts) == 12
     np.testing.assert_allclose(rms_error / rms_sigma, 1.0, atol=0.02)
@@ -182,8 +200,11 @@ def test_uncertainties_are_scored_against_labelled_residuals(graphs):
     # the second structure lost its energy label: no energy residual for it
     unlabelled = dict(graph_list[1].properties)
     unlabelled["energy"] = torch.full_like(unlabelled["energy"], math.nan)
-    graph_list = [graph_list[0], graph_list[1]._replace(properties=unlabelled),
-                  *graph_list[2:]]
+    graph_list = [
+        graph_list[0],
+        graph_list[1]._replace(properties=unlabelled),
+        *graph_list[2:],
+    ]
     metrics = measure_errors(WithUncertainty(), graph_list, batch_size=1).metrics()
 
     kept = [a for i, a in enumerate(structures) if i != 1]
@@ -193,7 +214,8 @@ def test_uncertainties_are_scored_against_labelled_residuals(graphs):
     for name, value in expected.items():
         assert metrics[f"energy_{name}"] == pytest.approx(value, rel=1e-12), name
     assert metrics["energy_mean_squared_z"] == pytest.approx(
-        np.mean((energy_residuals / energy_sigmas) ** 2))
+        np.mean((energy_residuals / energy_sigmas) ** 2)
+    )
 
     force_residuals, force_sigmas = [], []
     for atoms in structures:  # batch_size 1: the atom index restarts per structure
@@ -201,15 +223,23 @@ def test_uncertainties_are_scored_against_labelled_residuals(graphs):
         sigma = np.repeat(0.1 * (1 + np.arange(len(atoms)))[:, None], 3, axis=1)
         force_residuals.append(residual.ravel()[1:])  # σ = 0 on x of atom 0
         force_sigmas.append(sigma.ravel()[1:])
-    force_residuals, force_sigmas = np.concatenate(force_residuals), np.concatenate(
-        force_sigmas)
+    force_residuals, force_sigmas = (
+        np.concatenate(force_residuals),
+        np.concatenate(force_sigmas),
+    )
     assert metrics["forces_mean_squared_z"] == pytest.approx(
-        np.mean(force_residuals**2 / force_sigmas**2), rel=1e-10)
-    assert metrics["forces_nll"] == pytest.approx(np.mean(
-        0.5 * np.log(2 * np.pi * force_sigmas**2)
-        + 0.5 * force_residuals**2 / force_sigmas**2), rel=1e-10)
+        np.mean(force_residuals**2 / force_sigmas**2), rel=1e-10
+    )
+    assert metrics["forces_nll"] == pytest.approx(
+        np.mean(
+            0.5 * np.log(2 * np.pi * force_sigmas**2)
+            + 0.5 * force_residuals**2 / force_sigmas**2
+        ),
+        rel=1e-10,
+    )
     assert metrics["forces_spearman"] == pytest.approx(
-        spearman(force_sigmas, np.abs(force_residuals)), rel=1e-12)
+        spearman(force_sigmas, np.abs(force_residuals)), rel=1e-12
+    )
     # the error keys are still there, and unchanged by the uncertainties
     plain = measure_errors(Constant(), graph_list, batch_size=1).metrics()
     assert {k: metrics[k] for k in plain} == plain

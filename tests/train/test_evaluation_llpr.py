@@ -18,12 +18,15 @@ from pes_calc.train.llpr import wrap
 
 HYPERS = {
     "soap": {
-        "max_angular": 2, "max_radial": 2, "cutoff": {"radius": 4.0, "width": 0.5}
+        "max_angular": 2,
+        "max_radial": 2,
+        "cutoff": {"radius": 4.0, "width": 0.5},
     },
     "bpnn": {"num_neurons_per_layer": 8},
 }
 CALIBRATION_KEYS = {
-    f"{q}_{m}" for q in ("energy", "forces")
+    f"{q}_{m}"
+    for q in ("energy", "forces")
     for m in ("nll", "mean_squared_z", "spearman", "uncertainty_mean")
 }
 
@@ -40,8 +43,12 @@ def files(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llpr-eval")
     model = build_model("soap_bpnn", ["Cu"], **HYPERS, model_dtype="float64", seed=0)
     save_model(model, folder / "plain.safetensors")
-    llpr = wrap(model, 4, graphs(emt_structures(12, 0), model),
-                graphs(emt_structures(4, 1), model))
+    llpr = wrap(
+        model,
+        4,
+        graphs(emt_structures(12, 0), model),
+        graphs(emt_structures(4, 1), model),
+    )
     save_model(llpr, folder / "llpr.safetensors")
     ase.io.write(folder / "test.xyz", emt_structures(5, 2))
     return folder
@@ -84,16 +91,21 @@ def test_cli_eval_json_matches_the_calculator_structure_by_structure(files):
         energy_residuals.append(atoms.get_potential_energy() - reference_energy)
         energy_sigmas.append(float(calculator.results["energy_uncertainty"]))
         force_residuals.append((atoms.get_forces() - reference_forces).ravel())
-        force_sigmas.append(np.asarray(calculator.results["forces_uncertainty"]).ravel())
+        force_sigmas.append(
+            np.asarray(calculator.results["forces_uncertainty"]).ravel()
+        )
     expected = {
         "energy": expected_metrics(np.array(energy_residuals), np.array(energy_sigmas)),
-        "forces": expected_metrics(np.concatenate(force_residuals),
-                                   np.concatenate(force_sigmas)),
+        "forces": expected_metrics(
+            np.concatenate(force_residuals), np.concatenate(force_sigmas)
+        ),
     }
     for quantity, values in expected.items():
         for name, value in values.items():
             assert metrics[f"{quantity}_{name}"] == pytest.approx(value, rel=1e-6), (
-                quantity, name)
+                quantity,
+                name,
+            )
     # an untrained model: finite numbers, though far from the ideal ones
     assert all(math.isfinite(metrics[k]) for k in CALIBRATION_KEYS)
     assert metrics["num_structures"] == len(structures)
@@ -102,8 +114,16 @@ def test_cli_eval_json_matches_the_calculator_structure_by_structure(files):
 def test_cli_eval_prints_the_calibration_and_writes_both_plots(files, tmp_path):
     runner = CliRunner()
     plot = tmp_path / "errors.png"
-    result = runner.invoke(main, ["eval", str(files / "llpr.safetensors"),
-                                  str(files / "test.xyz"), "--plot", str(plot)])
+    result = runner.invoke(
+        main,
+        [
+            "eval",
+            str(files / "llpr.safetensors"),
+            str(files / "test.xyz"),
+            "--plot",
+            str(plot),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "energy σ" in result.output and "forces σ" in result.output
     assert "Spearman" in result.output
@@ -136,6 +156,7 @@ def test_without_ensemble_forces_only_the_energy_is_scored(files):
     llpr.ensemble_forces = False
     metrics = measure_errors(llpr, test, dtype=torch.float64).metrics()
     assert {k for k in CALIBRATION_KEYS if k in metrics} == {
-        k for k in CALIBRATION_KEYS if k.startswith("energy_")}
+        k for k in CALIBRATION_KEYS if k.startswith("energy_")
+    }
     for key in metrics:
         assert metrics[key] == pytest.approx(with_forces[key], rel=1e-10), key

@@ -24,7 +24,11 @@ from pes_calc.train.llpr import (
 from pes_calc.train.losses import EnsembleNLLLoss, ensemble_loss_from_config
 
 TINY_SOAP = {
-    "soap": {"max_angular": 1, "max_radial": 2, "cutoff": {"radius": 3.5, "width": 0.5}},
+    "soap": {
+        "max_angular": 1,
+        "max_radial": 2,
+        "cutoff": {"radius": 3.5, "width": 0.5},
+    },
     "bpnn": {"num_hidden_layers": 1, "num_neurons_per_layer": 6},
 }
 
@@ -35,8 +39,15 @@ def data(tmp_path_factory):
     ase.io.write(folder / "train.xyz", emt_structures(10, seed=0), format="extxyz")
     ase.io.write(folder / "val.xyz", emt_structures(4, seed=1), format="extxyz")
     ase.io.write(folder / "test.xyz", emt_structures(3, seed=2), format="extxyz")
-    model = build_model("soap_bpnn", ["Cu"], **TINY_SOAP, model_dtype="float64", seed=1,
-                        per_type_energy_shifts=-0.01, per_type_energy_scales=0.3)
+    model = build_model(
+        "soap_bpnn",
+        ["Cu"],
+        **TINY_SOAP,
+        model_dtype="float64",
+        seed=1,
+        per_type_energy_shifts=-0.01,
+        per_type_energy_scales=0.3,
+    )
     save_model(model, folder / "base.safetensors")
     return folder
 
@@ -48,15 +59,19 @@ def llpr_config(data, members=4, **training):
         "architecture": {
             "name": "llpr",
             "model": {"num_ensemble_members": {"energy": members}},
-            "training": {"model_checkpoint": str(data / "base.safetensors"),
-                         "batch_size": 3, **training},
+            "training": {
+                "model_checkpoint": str(data / "base.safetensors"),
+                "batch_size": 3,
+                **training,
+            },
         },
     }
 
 
 def graphs(data, name, model):
-    return load_graphs(data / f"{name}.xyz", model.species, model.cutoff, LabelKeys(),
-                       torch.float64)
+    return load_graphs(
+        data / f"{name}.xyz", model.species, model.cutoff, LabelKeys(), torch.float64
+    )
 
 
 def test_calibration_only_run_writes_a_calibrated_llpr_model(data, tmp_path):
@@ -77,7 +92,9 @@ def test_calibration_only_run_writes_a_calibrated_llpr_model(data, tmp_path):
     for name, tensor in base.state_dict().items():
         torch.testing.assert_close(model.potential.state_dict()[name], tensor)
     stored = model.state.covariance.clone()
-    torch.testing.assert_close(fit_covariance(model, graphs(data, "train", model)), stored)
+    torch.testing.assert_close(
+        fit_covariance(model, graphs(data, "train", model)), stored
+    )
     # the calculator exposes the uncertainties; test metrics include calibration
     atoms = ase.io.read(data / "test.xyz", 0)
     atoms.calc = PESCalculator(tmp_path / "model.safetensors")
@@ -107,9 +124,14 @@ def test_unknown_and_missing_llpr_settings_are_errors(data, tmp_path):
         train(config, tmp_path, progress=False)
 
 
-def test_ensemble_nll_training_moves_only_the_ensemble_and_lowers_the_loss(data, tmp_path):
-    result = train(llpr_config(data, members=6, num_epochs=6, learning_rate=0.05),
-                   tmp_path, progress=False)
+def test_ensemble_nll_training_moves_only_the_ensemble_and_lowers_the_loss(
+    data, tmp_path
+):
+    result = train(
+        llpr_config(data, members=6, num_epochs=6, learning_rate=0.05),
+        tmp_path,
+        progress=False,
+    )
     rows = (tmp_path / "train.csv").read_text().splitlines()
     header = rows[0].split(",")
     losses = [float(r.split(",")[header.index("val_loss")]) for r in rows[1:]]
@@ -121,7 +143,9 @@ def test_ensemble_nll_training_moves_only_the_ensemble_and_lowers_the_loss(data,
     # the trained members are no longer the sampled ones, and stay centred
     energies = model(graphs(data, "test", model)[0])
     ensemble = energies[keys.ENERGY_ENSEMBLE]
-    assert ensemble.mean(dim=-1).item() == pytest.approx(energies[keys.ENERGY].item(), abs=1e-10)
+    assert ensemble.mean(dim=-1).item() == pytest.approx(
+        energies[keys.ENERGY].item(), abs=1e-10
+    )
 
 
 def test_linearised_ensemble_equals_the_model(data):
@@ -133,27 +157,41 @@ def test_linearised_ensemble_equals_the_model(data):
     for graph, cached_graph in zip(val, cached, strict=True):
         exact = llpr(graph)
         approx = linear(cached_graph)
-        for key in (keys.ENERGY, keys.FORCES, keys.STRESS, keys.ENERGY_ENSEMBLE,
-                    keys.FORCES_ENSEMBLE):
-            torch.testing.assert_close(approx[key], exact[key].detach(), rtol=1e-9, atol=1e-12)
+        for key in (
+            keys.ENERGY,
+            keys.FORCES,
+            keys.STRESS,
+            keys.ENERGY_ENSEMBLE,
+            keys.FORCES_ENSEMBLE,
+        ):
+            torch.testing.assert_close(
+                approx[key], exact[key].detach(), rtol=1e-9, atol=1e-12
+            )
 
 
 def test_train_all_parameters_refits_the_uncertainty(data, tmp_path):
-    result = train(llpr_config(data, num_epochs=2, train_all_parameters=True,
-                               learning_rate=0.01), tmp_path, progress=False)
+    result = train(
+        llpr_config(data, num_epochs=2, train_all_parameters=True, learning_rate=0.01),
+        tmp_path,
+        progress=False,
+    )
     model = load_model(result.model_path)
     base = load_model(data / "base.safetensors")
     weights = model.potential.architecture.last_layer.weight
     assert not torch.allclose(weights, base.architecture.last_layer.weight)
     stored = model.state.covariance.clone()
-    torch.testing.assert_close(fit_covariance(model, graphs(data, "train", model)), stored)
+    torch.testing.assert_close(
+        fit_covariance(model, graphs(data, "train", model)), stored
+    )
 
 
 def test_ensemble_nll_matches_the_gaussian_formula():
     from pes_calc.graph import AtomicGraph
 
     forces = torch.tensor([[0.1, 0.0, -0.2], [0.3, 0.1, 0.0]], dtype=torch.float64)
-    members = forces + torch.tensor([[[0.1]], [[-0.1]]], dtype=torch.float64).expand(2, 2, 3)
+    members = forces + torch.tensor([[[0.1]], [[-0.1]]], dtype=torch.float64).expand(
+        2, 2, 3
+    )
     target = forces + 0.05
     graph = AtomicGraph(
         positions=torch.zeros(2, 3, dtype=torch.float64),
@@ -177,10 +215,18 @@ def test_ensemble_nll_matches_the_gaussian_formula():
 
 
 def test_calibration_factor_is_used_by_the_trainer_methods(data, tmp_path):
-    train(llpr_config(data, calibration_method="squared_residuals"), tmp_path, progress=False)
+    train(
+        llpr_config(data, calibration_method="squared_residuals"),
+        tmp_path,
+        progress=False,
+    )
     model = load_model(tmp_path / "model.safetensors")
     alpha = model.state.multiplier.item()
     model.state.multiplier.fill_(1.0)
     residuals, sigmas = raw_energy_errors(model, graphs(data, "val", model))
-    assert alpha == pytest.approx(calibration_factor(residuals, sigmas, "squared_residuals"))
-    assert alpha == pytest.approx(float(np.sqrt(np.mean((residuals / sigmas).numpy() ** 2))))
+    assert alpha == pytest.approx(
+        calibration_factor(residuals, sigmas, "squared_residuals")
+    )
+    assert alpha == pytest.approx(
+        float(np.sqrt(np.mean((residuals / sigmas).numpy() ** 2)))
+    )

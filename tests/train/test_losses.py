@@ -29,7 +29,9 @@ def two_structures() -> AtomicGraph:
         structure_index=torch.tensor([0, 1, 1, 1]),
         properties={
             "energy": torch.tensor([-1.0, -9.0]),
-            "forces": torch.tensor([[1.0, 0, 0], [0, 0, 0], [0, 0, 0], [NAN, NAN, NAN]]),
+            "forces": torch.tensor(
+                [[1.0, 0, 0], [0, 0, 0], [0, 0, 0], [NAN, NAN, NAN]]
+            ),
             "stress": torch.stack([torch.full((3, 3), NAN), torch.eye(3)]),
         },
     )
@@ -58,19 +60,31 @@ def test_losses_read_labels_from_the_graph():
         "stress": torch.zeros(2, 3, 3),
     }
     # per atom: errors -1/1 and 3/3 → MAE 1; total: errors -1 and 3 → MAE 2
-    assert PerAtomEnergyLoss("MAE")(None, graph, predictions).item() == pytest.approx(1.0)
-    assert PropertyLoss("energy", "MAE")(None, graph, predictions).item() == pytest.approx(2.0)
+    assert PerAtomEnergyLoss("MAE")(None, graph, predictions).item() == pytest.approx(
+        1.0
+    )
+    assert PropertyLoss("energy", "MAE")(
+        None, graph, predictions
+    ).item() == pytest.approx(2.0)
     # forces: one non-zero component of 9 labelled ones
-    assert PropertyLoss("forces", "MSE")(None, graph, predictions).item() == pytest.approx(1 / 9)
+    assert PropertyLoss("forces", "MSE")(
+        None, graph, predictions
+    ).item() == pytest.approx(1 / 9)
     # stress: only the second structure: three ones among nine entries
-    assert PropertyLoss("stress", "MSE")(None, graph, predictions).item() == pytest.approx(3 / 9)
+    assert PropertyLoss("stress", "MSE")(
+        None, graph, predictions
+    ).item() == pytest.approx(3 / 9)
 
 
 def test_total_loss_weights_terms_and_names_them():
     graph = two_structures()
     predictions = {"energy": torch.tensor([-2.0, -6.0]), "forces": torch.zeros(4, 3)}
-    total_loss = TotalLoss([PerAtomEnergyLoss("MAE", weight=2.0),
-                            PropertyLoss("forces", "MSE", weight=9.0)])
+    total_loss = TotalLoss(
+        [
+            PerAtomEnergyLoss("MAE", weight=2.0),
+            PropertyLoss("forces", "MSE", weight=9.0),
+        ]
+    )
     total, terms = total_loss(None, graph, predictions)
     assert set(terms) == {"energy_per_atom_mae", "forces_mse"}
     assert total.item() == pytest.approx(2.0 * 1.0 + 9.0 * (1 / 9))
@@ -78,10 +92,13 @@ def test_total_loss_weights_terms_and_names_them():
 
 
 def test_loss_from_config():
-    loss = loss_from_config({"metric": "RMSE", "energy": 1.0, "forces": {"weight": 10}},
-                            ["energy", "forces", "stress"])
-    assert [(type(t).__name__, t.weight, type(t.metric).__name__) for t in loss.losses] == [
-        ("PerAtomEnergyLoss", 1.0, "RMSE"), ("PropertyLoss", 10.0, "RMSE")]
+    loss = loss_from_config(
+        {"metric": "RMSE", "energy": 1.0, "forces": {"weight": 10}},
+        ["energy", "forces", "stress"],
+    )
+    assert [
+        (type(t).__name__, t.weight, type(t.metric).__name__) for t in loss.losses
+    ] == [("PerAtomEnergyLoss", 1.0, "RMSE"), ("PropertyLoss", 10.0, "RMSE")]
     default = loss_from_config(None, ["energy", "forces"])
     assert [t.name for t in default.losses] == ["energy_per_atom_mse", "forces_mse"]
     with pytest.raises(ValueError, match="unknown loss term 'force'"):

@@ -16,8 +16,10 @@ NAN = float("nan")
 def graph(species, energy, forces, num_edges, stress=None) -> AtomicGraph:
     """A one-structure graph with labels; edges only counted, so all self-loops."""
     n = len(species)
-    properties = {"energy": torch.tensor([energy], dtype=torch.float64),
-                  "forces": torch.tensor(forces, dtype=torch.float64)}
+    properties = {
+        "energy": torch.tensor([energy], dtype=torch.float64),
+        "forces": torch.tensor(forces, dtype=torch.float64),
+    }
     return AtomicGraph(
         positions=torch.zeros(n, 3, dtype=torch.float64),
         cell=torch.eye(3, dtype=torch.float64)[None] * 5,
@@ -34,7 +36,9 @@ def graph(species, energy, forces, num_edges, stress=None) -> AtomicGraph:
 def graphs():
     return [
         graph([0, 1], -6.0, [[1.0, 0, 0], [0, 2.0, 0]], num_edges=4),
-        graph([0, 0, 1], -12.0, [[0, 0, 3.0], [NAN, NAN, NAN], [0, 0, -1.0]], num_edges=8),
+        graph(
+            [0, 0, 1], -12.0, [[0, 0, 3.0], [NAN, NAN, NAN], [0, 0, -1.0]], num_edges=8
+        ),
     ]
 
 
@@ -48,11 +52,15 @@ def test_statistics_match_hand_computed_values(graphs):
     # force components, the NaN atom left out: squares 1, 4, 9, 1 over 12 components
     assert stats["forces_rms"] == pytest.approx(math.sqrt(15 / 12))
     # type 0: 1 and 9 over 6 components; type 1: 4 and 1 over 6
-    assert stats["per_type_forces_rms"] == pytest.approx([math.sqrt(10 / 6), math.sqrt(5 / 6)])
+    assert stats["per_type_forces_rms"] == pytest.approx(
+        [math.sqrt(10 / 6), math.sqrt(5 / 6)]
+    )
 
 
 def test_statistics_leave_out_what_the_labels_cannot_give(graphs):
-    energy_only = [g._replace(properties={"energy": g.properties["energy"]}) for g in graphs]
+    energy_only = [
+        g._replace(properties={"energy": g.properties["energy"]}) for g in graphs
+    ]
     stats = training_data_stats(energy_only, ["H", "O"])
     assert "forces_rms" not in stats and "per_type_forces_rms" not in stats
     assert stats["per_atom_energy_mean"] == pytest.approx(-3.5)
@@ -95,6 +103,8 @@ def test_resolve_names_the_problem():
     with pytest.raises(ValueError, match="unknown statistic 'forces_rsm'"):
         resolve_stats({"x": "${training_data_stats:forces_rsm}"}, {})
     with pytest.raises(ValueError, match="forces_rms is not available"):
-        resolve_stats({"x": "${training_data_stats:forces_rms}"}, {"num_neighbors_mean": 1})
+        resolve_stats(
+            {"x": "${training_data_stats:forces_rms}"}, {"num_neighbors_mean": 1}
+        )
     with pytest.raises(ValueError, match="cannot read"):
         resolve_stats({"x": "${stats:forces_rms}"}, {})
