@@ -66,12 +66,13 @@ def split_outputs(
 
     ``sizes``: atoms per structure, in batch order; ``with_volume``: whether each
     has stress (`has_volume`); ``names``: the properties to keep (default: all
-    present, plus ``free_energy``). Energies are floats (eV), arrays float64 numpy:
+    in `ALL_PROPERTIES` that the model returned). Energies are floats (eV), arrays float64 numpy:
     ``energies`` (N,), ``forces`` (N, 3) eV/Å, ``stress`` (6,) eV/Å³,
     ``energy_ensemble`` (M,), ``forces_ensemble`` (M, N, 3).
     """
     if names is None:
-        names = [*outputs, "free_energy"]
+        names = ALL_PROPERTIES
+    # only what is kept crosses to numpy (models also return features, ...)
     arrays = {
         name: outputs[name].detach().to("cpu", torch.float64).numpy()
         for name in names

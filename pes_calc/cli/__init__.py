@@ -1,6 +1,6 @@
 """The ``pes-calc`` command line: compile, inspect, train, evaluate and run models.
 
-One module per group of commands (`models`, `simulate`, `training`); what they
+One module per group of commands (`models`, `md`, `engines`, `training`); what they
 share (user errors as one-line messages, output checks before any work) is in
 `common`. Every command first makes the memory settings of
 `pes_calc.reuse_freed_memory` (``PES_CALC_REUSE_FREED_MEMORY=0`` opts out).
@@ -16,8 +16,9 @@ from pes_calc.cli.common import (
     check_output_path,
     default_md_threads,
 )
+from pes_calc.cli.engines import ipi_command, lammps_command
+from pes_calc.cli.md import md_command
 from pes_calc.cli.models import compile_command, info_command
-from pes_calc.cli.simulate import ipi_command, lammps_command, md_command
 from pes_calc.cli.training import active_learn_command, eval_command, train_command
 from pes_calc.memory import reuse_freed_memory
 
