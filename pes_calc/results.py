@@ -66,7 +66,8 @@ def split_outputs(
 
     ``sizes``: atoms per structure, in batch order; ``with_volume``: whether each
     has stress (`has_volume`); ``names``: the properties to keep (default: all
-    in `ALL_PROPERTIES` that the model returned). Energies are floats (eV), arrays float64 numpy:
+    in `ALL_PROPERTIES` that the model returned). Energies are floats (eV),
+    arrays float64 numpy:
     ``energies`` (N,), ``forces`` (N, 3) eV/Å, ``stress`` (6,) eV/Å³,
     ``energy_ensemble`` (M,), ``forces_ensemble`` (M, N, 3).
     """
