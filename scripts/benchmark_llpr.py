@@ -73,7 +73,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for name in args.architectures:
             hypers = MODELS[name]
-            # NequIP/Allegro need a neighbour normalisation; about 43 within 5 Å in fcc
+            # NequIP/Allegro need a neighbor normalisation; about 43 within 5 Å in fcc
             # Cu
             extra = {} if name == "soap_bpnn" else {"avg_num_neighbors": 43.0}
             model = build_model(name, ["Cu"], **hypers, **extra, seed=0)

