@@ -54,6 +54,8 @@ from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 
 MODES = ("torchscript", "aotinductor")
+# what each artefact suffix holds
+SUFFIXES = {".pt2": "aotinductor", ".pt": "torchscript"}
 
 
 # nequip's name for it
@@ -81,11 +83,29 @@ def apply_modifiers(
     return model
 
 
+def mode_for(path: str | os.PathLike, mode: str | None = None) -> str:
+    """The artefact kind for ``path``: ``mode`` if given (it must agree with a
+    ``.pt``/``.pt2`` suffix), else the kind the suffix names."""
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"unknown compile mode {mode!r}; choose from {MODES}")
+    named = SUFFIXES.get(Path(path).suffix)
+    if mode is None and named is None:
+        raise ValueError(
+            f"{path}: name the artefact .pt2 (AOTInductor) or .pt (TorchScript), "
+            "or give its mode"
+        )
+    if mode is not None and named is not None and named != mode:
+        raise ValueError(
+            f"{path}: a {Path(path).suffix} file is a {named} artefact, not {mode}"
+        )
+    return mode or str(named)
+
+
 def compile_model(
     model: Potential | LLPR,
     path: str | os.PathLike,
     *,
-    mode: str = "torchscript",
+    mode: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | str | None = None,
     modifiers: Sequence[str] = (),
@@ -95,15 +115,14 @@ def compile_model(
     Parameters
     ----------
     mode
-        ``"torchscript"`` (a ``.pt`` file) or ``"aotinductor"`` (a ``.pt2``
-        package; minutes to compile, cached).
+        ``"aotinductor"`` (a ``.pt2`` package; minutes to compile, cached) or
+        ``"torchscript"`` (a ``.pt`` file); None: the one ``path``'s suffix names.
     device, dtype
         Where and in which float type the artefact runs (dtype: the model's).
     modifiers
         Names from `MODIFIERS`, e.g. ``["enable_ForceStressOutput"]``.
     """
-    if mode not in MODES:
-        raise ValueError(f"unknown compile mode {mode!r}; choose from {MODES}")
+    mode = mode_for(path, mode)
     dtype = as_dtype(dtype)
     device = as_device(device) or torch.device("cpu")
     # modifiers, .to() and .eval() act in place: work on a copy of the caller's model

@@ -13,8 +13,12 @@ set and ς the regulariser (Bigi et al., Eq. 24):
 | per-atom σ_i | `energies_uncertainty` | α ‖L⁻¹ g_i‖ |
 | ensemble members | `ensemble_displacements` | Δw_k = α L⁻ᵀ z_k, z_k ~ N(0, I) |
 | ensemble energies | `energy_ensemble` | E + g_s · Δw_k |
-| ensemble forces | `forces_ensemble` | F - ∂(g_s · Δw_k)/∂R |
+| ensemble forces | `forces_ensemble` | F - β ∂(g_s · Δw_k)/∂R |
 | σ of forces | `forces_uncertainty` | √(mean_k (F_k - F)²) |
+
+Each property is calibrated on its own: α on the validation energies, and the
+force factor β (`force_scale`) on the validation forces, so that the force α is
+α β. β = 1 leaves the members' forces as sampled (files written before β existed).
 
 The covariance uses per-atom-normalised structure features, matching a loss on
 energy per atom; σ_E of the total energy is then α ‖L⁻¹ g_s‖ = n σ_{E/n}, so
@@ -46,8 +50,6 @@ _MOVED_TO_TRAIN = frozenset(
         "CALIBRATION_METHODS",
         "FACTOR_TOLERANCE",
         "SMALLEST_REGULARIZER",
-        "_CACHED",
-        "LinearisedEnsemble",
         "_batches",
         "_crps_minimum",
         "_energy_and_structure_features",
@@ -57,12 +59,13 @@ _MOVED_TO_TRAIN = frozenset(
         "factorise",
         "fit_covariance",
         "gaussian_crps",
-        "linearise",
         "raw_energy_errors",
         "sample_ensemble",
         "wrap",
     }
 )
+# and the linearised ensemble, to pes_calc.train.llpr_ensemble
+_MOVED_TO_ENSEMBLE = frozenset({"_CACHED", "LinearisedEnsemble", "linearise"})
 
 
 class Float64State(nn.Module):
@@ -73,6 +76,7 @@ class Float64State(nn.Module):
     covariance: Tensor
     inverse_cholesky: Tensor
     multiplier: Tensor
+    force_scale: Tensor
     regularizer: Tensor
 
     def __init__(self, num_features: int, num_members: int):
@@ -83,10 +87,19 @@ class Float64State(nn.Module):
         )
         self.register_buffer("inverse_cholesky", torch.eye(num_features, dtype=f64))
         self.register_buffer("multiplier", torch.ones((), dtype=f64))
+        self.register_buffer("force_scale", torch.ones((), dtype=f64))
         self.register_buffer("regularizer", torch.zeros((), dtype=f64))
         self.ensemble_displacements = nn.Parameter(
             torch.zeros(num_features, num_members, dtype=f64), requires_grad=False
         )
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
+        # files from before per-property calibration have no force factor: β = 1
+        # gives their forces exactly as before
+        state_dict.setdefault(
+            prefix + "force_scale", torch.ones((), dtype=torch.float64)
+        )
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
         def device_of(tensor: Tensor) -> torch.device:
@@ -195,7 +208,7 @@ class LLPR(nn.Module):
         if ensemble_forces:
             shifts_gradient = self._ensemble_energy_gradients(
                 structure_features, positions, displacements
-            )  # (M, N, 3)
+            ) * self.state.force_scale.to(dtype)  # (M, N, 3), calibrated on forces
             forces = outputs[keys.FORCES]
             forces_ensemble = forces.unsqueeze(0) - shifts_gradient
             outputs[keys.FORCES_ENSEMBLE] = forces_ensemble
@@ -238,13 +251,17 @@ def column_gradients(targets: Tensor, positions: Tensor, create_graph: bool) -> 
 
 
 def __getattr__(name: str) -> Any:
-    """A name that moved to `pes_calc.train.llpr`, with a DeprecationWarning."""
-    if name not in _MOVED_TO_TRAIN:
+    """A name that moved to `pes_calc.train`, with a DeprecationWarning."""
+    if name in _MOVED_TO_TRAIN:
+        module = "pes_calc.train.llpr"
+    elif name in _MOVED_TO_ENSEMBLE:
+        module = "pes_calc.train.llpr_ensemble"
+    else:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     # imported on first use: pes_calc.train imports this module
-    fitting = importlib.import_module("pes_calc.train.llpr")
+    fitting = importlib.import_module(module)
     warnings.warn(
-        DeprecationWarning(f"pes_calc.llpr.{name} moved to pes_calc.train.llpr.{name}"),
+        DeprecationWarning(f"pes_calc.llpr.{name} moved to {module}.{name}"),
         stacklevel=2,
     )
     return getattr(fitting, name)

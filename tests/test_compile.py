@@ -31,7 +31,7 @@ from pes_calc.artefacts import (
     read_artefact_metadata,
 )
 from pes_calc.cli import main
-from pes_calc.compile import compile_model
+from pes_calc.compile import compile_model, mode_for
 from pes_calc.io import ModelFileError
 from pes_calc.llpr import LLPR
 from pes_calc.neighbors import atoms_to_graph
@@ -195,6 +195,13 @@ def test_a_second_compile_comes_from_the_cache(package, llpr, tmp_path, monkeypa
     assert result.exit_code == 0, result.output
     info = CliRunner().invoke(main, ["info", str(tmp_path / "cli.pt2")])
     assert "aotinductor" in info.output
+    # without -o or --mode: an AOTInductor package beside the model, MODEL.pt2
+    result = CliRunner().invoke(
+        main,
+        ["compile", str(tmp_path / "model.safetensors"), "--threads", str(threads)],
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "model.pt2").read_bytes() == package.read_bytes()
     # other weights, or another thread count, are another key: that would compile
     other = build_model("soap_bpnn", ["Cu"], soap={"max_angular": 2, "max_radial": 2})
     with pytest.raises(AssertionError, match="compiled again"):
@@ -233,6 +240,51 @@ def test_disagreeing_compiled_code_falls_back_to_eager(package, monkeypatch):
 def test_unknown_mode(llpr, tmp_path):
     with pytest.raises(ValueError, match="unknown compile mode"):
         compile_model(llpr, tmp_path / "x", mode="tensorrt")
+
+
+def test_the_suffix_names_the_artefact():
+    assert mode_for("m.pt2") == "aotinductor"
+    assert mode_for("m.pt") == "torchscript"
+    assert mode_for("m.bin", "torchscript") == "torchscript"
+    assert mode_for("m.pt", "torchscript") == "torchscript"
+    with pytest.raises(ValueError, match="name the artefact .pt2"):
+        mode_for("m.bin")
+    with pytest.raises(ValueError, match="a .pt file is a torchscript artefact"):
+        mode_for("m.pt", "aotinductor")
+    with pytest.raises(ValueError, match="a .pt2 file is a aotinductor artefact"):
+        mode_for("m.pt2", "torchscript")
+
+
+def test_cli_compile_picks_torchscript_from_the_name_or_mode(llpr, tmp_path):
+    save_model(llpr, tmp_path / "model.safetensors")
+    runner = CliRunner()
+    result = runner.invoke(
+        main,
+        ["compile", str(tmp_path / "model.safetensors"), "-o", str(tmp_path / "s.pt")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "(torchscript" in result.output
+    result = runner.invoke(
+        main, ["compile", str(tmp_path / "model.safetensors"), "--mode", "torchscript"]
+    )
+    assert result.exit_code == 0, result.output
+    _, metadata = load_artefact(tmp_path / "model.pt")
+    assert metadata["artefact"] == "torchscript"
+    # a suffix that disagrees with --mode, or names nothing: one line, nothing written
+    for name, options in (("x.pt", ["--mode", "aotinductor"]), ("x.model", [])):
+        result = runner.invoke(
+            main,
+            [
+                "compile",
+                str(tmp_path / "model.safetensors"),
+                "-o",
+                str(tmp_path / name),
+                *options,
+            ],
+        )
+        assert result.exit_code != 0
+        assert "Error" in result.output and "Traceback" not in result.output
+        assert not (tmp_path / name).exists()
 
 
 def test_long_range_models_are_refused(tmp_path):

@@ -22,6 +22,7 @@ from torch import Tensor
 
 import pes_calc.llpr
 import pes_calc.train.llpr
+import pes_calc.train.llpr_ensemble
 from pes_calc import build_model, keys, load_model, save_model
 from pes_calc.artefacts import load_artefact
 from pes_calc.compile import compile_model
@@ -33,11 +34,13 @@ from pes_calc.train.data import LabelKeys, extract_labels, labelled_graphs
 from pes_calc.train.llpr import (
     SMALLEST_REGULARIZER,
     calibrate,
+    calibrate_forces,
     calibration_factor,
     factorise,
     fit_covariance,
     gaussian_crps,
     raw_energy_errors,
+    raw_force_errors,
     sample_ensemble,
     wrap,
 )
@@ -471,15 +474,161 @@ def test_wrap_records_its_settings():
     assert float(llpr.state.multiplier) > 0
 
 
+# ------------------------------------------------ per-property calibration
+
+
+def force_labelled(structures: list[ase.Atoms]) -> list[ase.Atoms]:
+    """EMT energies and forces as single-point labels."""
+    for atoms in structures:
+        atoms.calc = EMT()
+        energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+        atoms.calc = SinglePointCalculator(atoms, energy=energy, forces=forces)
+    return structures
+
+
+def force_graphs(structures, model) -> list[AtomicGraph]:
+    labels = extract_labels(structures, LabelKeys(stress=None))
+    return labelled_graphs(structures, labels, model.species, model.cutoff)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_force_scale_scales_force_uncertainties_only(name):
+    llpr = copy.deepcopy(fitted(name))
+    graph = graph_of(structure("bulk", 7), llpr)
+    before = run(llpr, graph)
+    llpr.state.force_scale.fill_(3.0)
+    after = run(llpr, graph)
+    for key in (keys.ENERGY_UNCERTAINTY, keys.ENERGIES_UNCERTAINTY):
+        np.testing.assert_array_equal(after[key], before[key])
+    np.testing.assert_array_equal(
+        after[keys.ENERGY_ENSEMBLE], before[keys.ENERGY_ENSEMBLE]
+    )
+    np.testing.assert_allclose(
+        after[keys.FORCES_UNCERTAINTY], 3 * before[keys.FORCES_UNCERTAINTY], rtol=1e-12
+    )
+    np.testing.assert_allclose(
+        after[keys.FORCES_ENSEMBLE] - after[keys.FORCES],
+        3 * (before[keys.FORCES_ENSEMBLE] - before[keys.FORCES]),
+        rtol=1e-9,
+        atol=1e-12,
+    )
+    np.testing.assert_array_equal(after[keys.FORCES], before[keys.FORCES])
+
+
+@pytest.mark.parametrize("method", ["squared_residuals", "absolute_residuals"])
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_force_calibration_fits_the_validation_forces(name, method):
+    """After calibrate_forces, the runtime σ_F meet the method's condition on the
+    validation force components: mean z² = 1, or √(π/2) mean |z| = 1."""
+    llpr = copy.deepcopy(fitted(name))
+    structures = force_labelled(training_set(5, seed=70))
+    graphs = force_graphs(structures, llpr)
+    beta = calibrate_forces(llpr, graphs, method, batch_size=2)
+    assert beta > 0 and float(llpr.state.force_scale) == beta
+    z = []
+    for atoms, graph in zip(structures, graphs, strict=True):
+        outputs = run(llpr, graph)
+        error = outputs[keys.FORCES] - atoms.get_forces()
+        sigma = outputs[keys.FORCES_UNCERTAINTY]
+        z.append((error / sigma)[sigma > 0])
+    z = np.concatenate(z)
+    if method == "squared_residuals":
+        assert np.mean(z**2) == pytest.approx(1.0, rel=1e-9)
+    else:
+        assert math.sqrt(math.pi / 2) * np.mean(np.abs(z)) == pytest.approx(
+            1.0, rel=1e-9
+        )
+    # refitting on the same data is idempotent: β is relative to β = 1
+    assert calibrate_forces(llpr, graphs, method, batch_size=3) == pytest.approx(
+        beta, rel=1e-9
+    )
+
+
+def test_raw_force_errors_need_members_and_labels():
+    llpr = fitted("soap_bpnn")
+    unlabelled = graphs_of(emt_labelled(training_set(2, seed=71)), llpr)
+    with pytest.raises(ValueError, match="force labels"):
+        raw_force_errors(llpr, unlabelled)
+    without_members = with_members(llpr, 0)
+    with pytest.raises(ValueError, match="ensemble members"):
+        raw_force_errors(without_members, unlabelled)
+
+
+def test_wrap_calibrates_energies_and_forces_each_on_its_own():
+    model = small_model("soap_bpnn")
+    train = graphs_of(emt_labelled(training_set(12, seed=0)), model)
+    val_structures = force_labelled(training_set(6, seed=100))
+    val = force_graphs(val_structures, model)
+    llpr = wrap(model, MEMBERS, train, val, batch_size=5, seed=1)
+    settings = llpr.config["llpr"]
+    beta = float(llpr.state.force_scale)
+    assert settings["force_scale"] == beta != 1.0
+    assert settings["forces_multiplier"] == pytest.approx(settings["multiplier"] * beta)
+    # the energy α is what energies alone give
+    energy_only = wrap(
+        copy.deepcopy(model),
+        MEMBERS,
+        train,
+        graphs_of(val_structures, model),
+        batch_size=5,
+        seed=1,
+    )
+    assert float(energy_only.state.multiplier) == pytest.approx(
+        settings["multiplier"], rel=1e-12
+    )
+    assert float(energy_only.state.force_scale) == 1.0
+    assert "force_scale" not in energy_only.config["llpr"]
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_files_with_one_alpha_load_with_unscaled_forces(name, tmp_path):
+    """A file from before per-property calibration (no force_scale tensor, no
+    digests) loads with β = 1: its forces' uncertainties are as they were."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    llpr = copy.deepcopy(fitted(name))
+    save_model(llpr, tmp_path / "new.safetensors")
+    with safe_open(str(tmp_path / "new.safetensors"), framework="pt") as handle:
+        header = dict(handle.metadata())
+    del header["digests"]
+    tensors = load_file(str(tmp_path / "new.safetensors"))
+    del tensors["state.force_scale"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=header)
+    with pytest.warns(UserWarning, match="cannot be checked"):
+        old = load_model(tmp_path / "old.safetensors")
+    assert float(old.state.force_scale) == 1.0
+    graph = graph_of(structure("bulk", 7), llpr)
+    for key, value in run(llpr, graph).items():
+        np.testing.assert_array_equal(run(old, graph)[key], value, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_force_scale_survives_torchscript(name, tmp_path):
+    llpr = copy.deepcopy(fitted(name))
+    llpr.state.force_scale.fill_(2.5)
+    compile_model(llpr, tmp_path / "llpr.pt")
+    artefact, _ = load_artefact(tmp_path / "llpr.pt")
+    graph = graph_of(structure("bulk", 7), llpr)
+    expected, got = run(llpr, graph), run(artefact, graph)
+    np.testing.assert_allclose(
+        got[keys.FORCES_UNCERTAINTY], expected[keys.FORCES_UNCERTAINTY], rtol=1e-10
+    )
+
+
 def test_fitting_names_still_import_from_the_old_path_with_a_warning():
     moved = "pes_calc.llpr.wrap moved to pes_calc.train.llpr.wrap"
     with pytest.warns(DeprecationWarning, match=moved):
         from pes_calc.llpr import wrap as old_wrap
     assert old_wrap is wrap
-    for name in ("calibrate", "CALIBRATION_METHODS", "LinearisedEnsemble"):
+    for name in ("calibrate", "CALIBRATION_METHODS"):
         with pytest.warns(DeprecationWarning, match=f"pes_calc.train.llpr.{name}"):
             old = getattr(pes_calc.llpr, name)
         assert old is getattr(pes_calc.train.llpr, name)
+    moved = "pes_calc.train.llpr_ensemble.LinearisedEnsemble"
+    with pytest.warns(DeprecationWarning, match=moved):
+        old = pes_calc.llpr.LinearisedEnsemble
+    assert old is pes_calc.train.llpr_ensemble.LinearisedEnsemble
     # the runtime names stay, without a warning; unknown names are still errors
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -689,7 +838,7 @@ def test_float32_model_keeps_float64_state(tmp_path):
     llpr64 = fitted("nequip")  # a well-conditioned C: float32 features change σ little
     llpr32 = copy.deepcopy(llpr64).to(torch.float32)
     state = dict(llpr32.state.named_buffers()) | dict(llpr32.state.named_parameters())
-    assert len(state) == 5
+    assert len(state) == 6  # 5 buffers (with force_scale) and the displacements
     for tensor_name, tensor in state.items():
         assert tensor.dtype == torch.float64, tensor_name
         assert torch.equal(tensor, getattr(llpr64.state, tensor_name))

@@ -18,7 +18,7 @@ from pes_calc.cli.common import (
     set_up_torch,
     user_errors,
 )
-from pes_calc.compile import MODIFIERS, compile_model
+from pes_calc.compile import MODIFIERS, compile_model, mode_for
 from pes_calc.io import is_checked, load_model, read_metadata
 
 
@@ -28,16 +28,16 @@ from pes_calc.io import is_checked, load_model, read_metadata
     "-o",
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
-    required=True,
-    help="Where to write the compiled model "
-    "(.pt for TorchScript, .pt2 for AOTInductor).",
+    default=None,
+    help="Where to write the compiled model: .pt2 is an AOTInductor package, .pt "
+    "TorchScript (default: MODEL's name with the mode's suffix, .pt2 without one).",
 )
 @click.option(
     "--mode",
-    type=click.Choice(["torchscript", "aotinductor"]),
-    default="torchscript",
-    show_default=True,
-    help="Kind of compiled artefact.",
+    type=click.Choice(["aotinductor", "torchscript"]),
+    default=None,
+    help="Kind of artefact (default: the one the output's suffix names; "
+    "aotinductor when no output is given).",
 )
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 @dtype_option("Float type of the artefact (default: the model's).")
@@ -70,6 +70,9 @@ def compile_command(
     version, device, dtype, CPU threads and pes_calc's source in $PES_CALC_CACHE_DIR
     (default ~/.cache/pes_calc).
     """
+    if output is None:
+        output = model.with_suffix(".pt" if mode == "torchscript" else ".pt2")
+    mode = mode_for(output, mode)
     check_output_path(output, "--output")
     set_up_torch(device, threads)
     compile_model(
@@ -171,9 +174,21 @@ def _echo_training(metadata: dict) -> None:
     llpr = metadata.get("llpr") or {}
     if llpr:
         members = (llpr.get("num_ensemble_members") or {}).get("energy", 0)
-        alpha = llpr.get("multiplier")
-        alpha = f"{alpha:.4g}" if isinstance(alpha, (int, float)) else alpha
+        alpha = _number(llpr.get("multiplier"))
+        forces = llpr.get("forces_multiplier")
+        # files from before per-property calibration: forces use the energy α
+        force_alpha = (
+            f"forces α = {_number(forces)} (β = {_number(llpr.get('force_scale'))})"
+            if forces is not None
+            else "forces: the energy α"
+        )
         click.echo(
             f"  {'LLPR':<14} {members} ensemble members, calibration "
-            f"{llpr.get('calibration_method')}, α = {alpha}"
+            f"{llpr.get('calibration_method')}, energies α = {alpha}, "
+            + (force_alpha if members else "no force uncertainty")
         )
+
+
+def _number(value: object) -> str:
+    """A stored figure to 4 significant digits (anything else as it is)."""
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)

@@ -1,7 +1,8 @@
 """What a training run writes to its directory, and reads back to resume.
 
-- ``checkpoint.pt``: config, weights, best weights, optimizer, scheduler and loop
-  state after an epoch (`write_checkpoint`, `read_checkpoint`);
+- ``checkpoint.pt``: config, weights, best weights, optimizer, scheduler, weight
+  averages (``ema_decay``) and loop state after an epoch (`write_checkpoint`;
+  `read_checkpoint`, and `resume` to load one into a run);
 - ``model.safetensors``: the best weights with a training record (`save_best`);
 - ``train.csv``: one row per epoch (`read_log`, `write_log`).
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,11 +28,13 @@ from pes_calc.io import save_model
 from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 from pes_calc.train.config import TrainingConfigError
+from pes_calc.train.ema import WeightEMA
 
 __all__ = [
     "CHECKPOINT_FORMAT",
     "read_checkpoint",
     "read_log",
+    "resume",
     "save_best",
     "write_checkpoint",
     "write_log",
@@ -47,6 +51,7 @@ def write_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     state: Mapping[str, Any],
+    ema: WeightEMA | None = None,
 ) -> None:
     """Everything a resumed run needs to retrace an uninterrupted one."""
     checkpoint = {
@@ -57,6 +62,7 @@ def write_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "state": state,
+        "ema": None if ema is None else ema.state_dict(),
     }
     atomic_write(path, lambda temporary: torch.save(checkpoint, temporary))
 
@@ -87,10 +93,13 @@ def read_checkpoint(path: Path, config: dict[str, Any]) -> dict[str, Any]:
 def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config a resumed run must share with the checkpoint's: not
     num_epochs (more may be asked for), and file paths compared as absolute paths
-    (so "data/x.xyz" and "/work/data/x.xyz" are the same run)."""
+    (so "data/x.xyz" and "/work/data/x.xyz" are the same run). A checkpoint
+    written before ``ema_decay`` existed is one of a run without it."""
     config = copy.deepcopy(config)
     training = config["architecture"]["training"]
     training.pop("num_epochs", None)
+    if training.get("ema_decay") is None:
+        training.pop("ema_decay", None)
     for section, names in (
         (config.get("data", {}), ("train", "val", "test")),
         (training, ("model_checkpoint",)),
@@ -99,6 +108,46 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
             if isinstance(section.get(name), str):
                 section[name] = os.path.abspath(section[name])
     return config
+
+
+def resume(
+    path: Path,
+    config: dict[str, Any],
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: WeightEMA | None,
+    announce: bool,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The loop state and best weights after the checkpoint at ``path`` (loaded
+    into ``model``, ``optimizer``, ``scheduler`` and ``ema``), or those of a
+    fresh run."""
+    if not path.exists():
+        state = {
+            "epoch": 0,
+            "best_value": math.inf,
+            "best_epoch": 0,
+            "best_metrics": {},
+            "elapsed_s": 0.0,
+        }
+        return state, copy.deepcopy(model.state_dict())
+    checkpoint = read_checkpoint(path, config)
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if ema is not None:
+        if checkpoint.get("ema") is None:
+            raise TrainingConfigError(
+                f"{path} holds no weight averages (ema_decay); delete it to start "
+                "the run afresh"
+            )
+        ema.load_state_dict(checkpoint["ema"])
+    if announce:
+        print(
+            f"resuming {path.parent} after epoch {checkpoint['state']['epoch']}",
+            flush=True,
+        )
+    return checkpoint["state"], checkpoint["best_model"]
 
 
 def save_best(

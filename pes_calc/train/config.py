@@ -55,6 +55,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "loss": None,
     "finetune": None,
     "distributed": False,
+    # nequip's and MACE's name: null, or d in (0, 1) for an exponential moving
+    # average of the weights (pes_calc.train.ema), validated, selected and saved
+    "ema_decay": None,
 }
 # the llpr wrapper's trainer (metatrain's names and defaults); num_epochs null means
 # covariance + calibration only, no ensemble-weight training
@@ -145,6 +148,8 @@ def _normalise(config: dict[str, Any]) -> dict[str, Any]:
             continue  # llpr: no ensemble training, covariance and calibration only
         if not isinstance(training[name], int) or training[name] < 1:
             raise TrainingConfigError(f"{name} must be a positive integer")
+    if not is_llpr:
+        _check_ema_decay(training["ema_decay"])
     architecture["model"] = dict(architecture.get("model") or {})
     if is_llpr:
         architecture["model"] = _llpr_model_section(architecture["model"], training)
@@ -155,6 +160,16 @@ def _normalise(config: dict[str, Any]) -> dict[str, Any]:
         "data": data,
         "architecture": architecture,
     }
+
+
+def _check_ema_decay(decay: Any) -> None:
+    """``ema_decay``: null (no averaging) or a number strictly between 0 and 1."""
+    is_number = isinstance(decay, (int, float)) and not isinstance(decay, bool)
+    if decay is not None and not (is_number and 0.0 < decay < 1.0):
+        raise TrainingConfigError(
+            "ema_decay must be null (no weight averaging) or a number between 0 "
+            f"and 1, exclusive (e.g. 0.99), got {decay!r}"
+        )
 
 
 def _llpr_model_section(

@@ -17,7 +17,8 @@ component:
 | ``<q>_spearman`` | rank correlation of σ and abs(r) | near 1 (σ ranks errors) |
 | ``<q>_uncertainty_mean`` | mean σ | |
 
-q is ``energy`` (eV) or ``forces`` (eV/Å). The NLL is in nats for errors in eV
+q is ``energy`` (eV), ``forces`` (eV/Å, per component) or ``atom_forces`` (eV/Å,
+per atom: ‖ΔF_i‖/√3 against ‖σ_F,i‖/√3). The NLL is in nats for errors in eV
 (eV/Å): the log-density of a residual, so it shifts by log(1000) ≈ 6.91 if the
 same errors were measured in meV.
 """
@@ -56,6 +57,8 @@ QUANTITIES = {
 CALIBRATED = {
     "energy": "eV",
     "forces": "eV/Å",
+    # per atom: error and σ as their norms over the components / √3
+    "atom_forces": "eV/Å",
 }
 CALIBRATION_BINS = 12
 
@@ -248,7 +251,25 @@ def measure_errors(
                 targets[keys.FORCES],
                 predictions[keys.FORCES_UNCERTAINTY],
             )
+            _add_atom_forces(evaluation, predictions, targets[keys.FORCES])
     return evaluation
+
+
+def _add_atom_forces(
+    evaluation: Evaluation, predictions: dict[str, torch.Tensor], target: torch.Tensor
+) -> None:
+    """Each labelled atom's force error ‖ΔF_i‖/√3 against its σ ‖σ_F,i‖/√3 (eV/Å):
+    whether σ ranks and sizes the error of an atom, not of a component."""
+    error = predictions[keys.FORCES].detach() - target
+    labelled = torch.isfinite(target).all(dim=-1)
+    norm = torch.linalg.vector_norm(torch.nan_to_num(error), dim=-1) / math.sqrt(3)
+    sigma = torch.linalg.vector_norm(
+        predictions[keys.FORCES_UNCERTAINTY].detach(), dim=-1
+    ) / math.sqrt(3)
+    unlabelled = torch.full_like(norm, math.nan)
+    evaluation.add_uncertainty(
+        "atom_forces", norm, torch.where(labelled, 0.0, unlabelled), sigma
+    )
 
 
 def evaluate(

@@ -1,5 +1,5 @@
-"""Fitting an `LLPR` wrapper: covariance, factorisation, calibration, ensemble,
-and the linearised ensemble that ensemble training runs on a frozen model.
+"""Fitting an `LLPR` wrapper: covariance, factorisation, calibration (α on
+energies, β on forces) and the sampled ensemble.
 
 Each fit runs once after training, one pass over its data set (no derivatives
 except in `linearise`); `wrap` runs them in order. The runtime model (`LLPR`,
@@ -12,32 +12,32 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from pes_calc import keys
 from pes_calc.graph import (
     AtomicGraph,
     atoms_per_structure,
     batch_order,
-    graph_to,
     iterate_batches,
     sum_per_structure,
 )
-from pes_calc.llpr import LLPR, column_gradients
+from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 
 __all__ = [
     "CALIBRATION_METHODS",
     "FACTOR_TOLERANCE",
     "SMALLEST_REGULARIZER",
-    "LinearisedEnsemble",
     "calibrate",
+    "calibrate_forces",
     "calibration_factor",
     "factorise",
     "fit_covariance",
     "gaussian_crps",
-    "linearise",
     "raw_energy_errors",
+    "raw_force_errors",
+    "recalibrate_forces",
     "sample_ensemble",
     "wrap",
 ]
@@ -226,6 +226,69 @@ def calibrate(
     return alpha
 
 
+def raw_force_errors(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> tuple[Tensor, Tensor]:
+    """(residuals F_pred - F_ref, ensemble σ_F at β = 1) for every labelled force
+    component of ``graphs`` with σ_F > 0, float64 eV/Å: what β scales."""
+    if llpr.num_ensemble_members == 0:
+        raise ValueError("force calibration needs ensemble members")
+    device = torch.device(device)
+    dtype = _model_dtype(llpr)
+    residuals, sigmas = [], []
+    switch = llpr.ensemble_forces
+    llpr.ensemble_forces = True
+    try:
+        for batch in _batches(graphs, batch_size, device, dtype):
+            if keys.FORCES not in batch.properties:
+                continue
+            outputs = llpr(batch, compute_forces=True, compute_stress=False)
+            scale = llpr.state.force_scale.to(torch.float64)
+            sigma = outputs[keys.FORCES_UNCERTAINTY].detach().double() / scale
+            residual = (
+                outputs[keys.FORCES].detach().double()
+                - batch.properties[keys.FORCES].double()
+            )
+            # a component no member can move (σ = 0, e.g. by symmetry) says
+            # nothing about the scale
+            usable = torch.isfinite(residual) & (sigma > 0)
+            residuals.append(residual[usable].cpu())
+            sigmas.append(sigma[usable].cpu())
+    finally:
+        llpr.ensemble_forces = switch
+    if not residuals or sum(r.numel() for r in residuals) == 0:
+        raise ValueError("force calibration needs structures with force labels")
+    return torch.cat(residuals), torch.cat(sigmas)
+
+
+def calibrate_forces(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    method: str = "absolute_residuals",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Fit the force factor β on the force components of ``graphs`` (the
+    validation set), with the ensemble as it is now; store it and return it.
+    The force α is then α β."""
+    residuals, sigmas = raw_force_errors(llpr, graphs, batch_size, device)
+    scale = calibration_factor(residuals, sigmas, method)
+    llpr.state.force_scale.fill_(scale)
+    return scale
+
+
+def has_force_labels(graphs: Sequence[AtomicGraph]) -> bool:
+    """Whether any of ``graphs`` has a finite force label."""
+    return any(
+        keys.FORCES in graph.properties
+        and bool(torch.isfinite(graph.properties[keys.FORCES]).any())
+        for graph in graphs
+    )
+
+
 def sample_ensemble(llpr: LLPR, seed: int = 0) -> None:
     """Draw Δw_k = α L⁻ᵀ z_k for every member (float64, from ``seed``)."""
     state = llpr.state
@@ -252,8 +315,9 @@ def wrap(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> LLPR:
-    """Covariance on ``train_graphs``, factorisation, α on ``val_graphs`` and an
-    ensemble: a ready `LLPR` around ``potential`` (which it shares, not copies)."""
+    """Covariance on ``train_graphs``, factorisation, α on ``val_graphs``' energies,
+    an ensemble, and (with members and force labels) its force factor β on
+    ``val_graphs``' forces: a ready `LLPR` around ``potential`` (shared, not copied)."""
     llpr = LLPR(potential, num_ensemble_members).to(device).eval()
     fit_covariance(llpr, train_graphs, batch_size, device)
     used = factorise(llpr, regularizer)
@@ -265,100 +329,22 @@ def wrap(
         "calibration_method": calibration_method,
         "multiplier": alpha,
     }
+    recalibrate_forces(llpr, val_graphs, calibration_method, batch_size, device)
     return llpr
 
 
-# ------------------------------------------------- ensemble training, frozen model
-
-# keys of the per-graph cache `linearise` adds to graph.properties
-_CACHED = (
-    "llpr_energy",
-    "llpr_forces",
-    "llpr_stress",
-    "llpr_structure_features",
-    "llpr_feature_jacobian",
-)
-
-
-def linearise(
+def recalibrate_forces(
     llpr: LLPR,
     graphs: Sequence[AtomicGraph],
-    compute_stress: bool,
+    method: str,
+    batch_size: int = 8,
     device: torch.device | str = "cpu",
-) -> list[AtomicGraph]:
-    """Copies of ``graphs`` whose properties also hold what a frozen model gives
-    them: energy, forces, stress, structure features g_s (S, F) and their
-    Jacobian ∂g_s/∂R stored per atom (N, F, 3). With the backbone frozen, the
-    ensemble's energies and forces are linear in the displacements, so
-    `LinearisedEnsemble` can train them without running the model again."""
-    device = torch.device(device)
-    dtype = _model_dtype(llpr)
-    result = []
-    for graph in graphs:
-        graph = graph._replace(
-            properties={k: v for k, v in graph.properties.items() if k not in _CACHED}
-        )
-        moved = graph_to(graph, device, dtype)
-        outputs, positions, strain = llpr.potential.predict_energies(
-            moved, True, compute_stress
-        )
-        features = llpr.llpr_features(outputs[keys.LAST_LAYER_FEATURES], moved.species)
-        structure_features = sum_per_structure(features, moved)  # (1, F)
-        outputs = llpr.potential.add_derivatives(
-            outputs, moved, positions, strain, True, compute_stress, True
-        )
-        # stored per atom (N, F, 3) so that batching concatenates along atoms
-        jacobian = column_gradients(structure_features, positions, False)
-        jacobian = jacobian.transpose(0, 1)
-        cache = {
-            "llpr_energy": outputs[keys.ENERGY],
-            "llpr_forces": outputs[keys.FORCES],
-            "llpr_structure_features": structure_features,
-            "llpr_feature_jacobian": jacobian,
-        }
-        if compute_stress:
-            cache["llpr_stress"] = outputs[keys.STRESS]
-        properties = dict(graph.properties)
-        properties.update({k: v.detach().to("cpu") for k, v in cache.items()})
-        result.append(graph._replace(properties=properties))
-    return result
-
-
-class LinearisedEnsemble(nn.Module):
-    """The LLPR ensemble of a frozen model, evaluated on `linearise`d graphs:
-    energy_ensemble = E + g_s · Δw_k, forces_ensemble = F - (∂g_s/∂R) · Δw_k.
-    Only ``llpr.state.ensemble_displacements`` is trained through it."""
-
-    def __init__(self, llpr: LLPR):
-        super().__init__()
-        self.llpr = llpr
-
-    def forward(
-        self,
-        graph: AtomicGraph,
-        compute_forces: bool = True,
-        compute_stress: bool = True,
-    ) -> dict[str, Tensor]:
-        properties = graph.properties
-        displacements = self.llpr.centred_displacements()
-        energy = properties["llpr_energy"]
-        features = properties["llpr_structure_features"].to(torch.float64)
-        shifts = (features @ displacements).to(energy.dtype)  # (S, M)
-        outputs = {
-            keys.ENERGY: energy,
-            keys.ENERGY_ENSEMBLE: energy.unsqueeze(-1) + shifts,
-        }
-        if compute_forces:
-            forces = properties["llpr_forces"]
-            deviations = torch.einsum(
-                "nfa,fm->mna",
-                properties["llpr_feature_jacobian"].to(torch.float64),
-                displacements,
-            )
-            outputs[keys.FORCES] = forces
-            outputs[keys.FORCES_ENSEMBLE] = forces.unsqueeze(0) - deviations.to(
-                forces.dtype
-            )
-        if compute_stress and "llpr_stress" in properties:
-            outputs[keys.STRESS] = properties["llpr_stress"]
-        return outputs
+) -> None:
+    """`calibrate_forces` where it applies (members and force labels), recorded in
+    ``llpr.config["llpr"]`` as ``force_scale`` and the force α ``forces_multiplier``."""
+    if llpr.num_ensemble_members == 0 or not has_force_labels(graphs):
+        return
+    scale = calibrate_forces(llpr, graphs, method, batch_size, device)
+    settings = llpr.config.setdefault("llpr", {})
+    settings["force_scale"] = scale
+    settings["forces_multiplier"] = float(llpr.state.multiplier) * scale

@@ -25,13 +25,13 @@ from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 from pes_calc.train.config import TrainingConfigError
 from pes_calc.train.llpr import (
-    LinearisedEnsemble,
     calibrate,
     factorise,
     fit_covariance,
-    linearise,
+    recalibrate_forces,
     wrap,
 )
+from pes_calc.train.llpr_ensemble import LinearisedEnsemble, linearise
 from pes_calc.train.losses import TotalLoss, ensemble_loss_from_config
 from pes_calc.train.setup import ModelSetup, TrainingData
 
@@ -92,13 +92,22 @@ class LLPRSetup(ModelSetup):
     def finish(
         self, model: nn.Module, data: TrainingData, device: torch.device
     ) -> bool:
-        """With all parameters trained the features moved: refit σ's covariance
-        and α, keeping the trained ensemble."""
+        """After ensemble training, refit the force factor β on the trained
+        members; with all parameters trained the features moved too, so σ's
+        covariance and α are refitted first."""
         model.state.ensemble_displacements.requires_grad_(False)
-        if not (self.training["train_all_parameters"] and self.training["num_epochs"]):
+        if not self.training["num_epochs"]:
             return False
-        _refit_llpr_uncertainty(
-            model, self.training, data.train_graphs, data.val_graphs, device
+        if self.training["train_all_parameters"]:
+            _refit_llpr_uncertainty(
+                model, self.training, data.train_graphs, data.val_graphs, device
+            )
+        recalibrate_forces(
+            model,
+            data.val_graphs,
+            self.training["calibration_method"],
+            self.training["batch_size"],
+            device,
         )
         return True
 
@@ -142,6 +151,7 @@ def _fit_llpr(
             f"LLPR: covariance of {llpr.num_features} features, regularizer "
             f"{settings['regularizer']:.1e}, calibration α "
             f"{settings['multiplier']:.4g} ({settings['calibration_method']}), "
+            f"force factor β {settings.get('force_scale', 1.0):.4g}, "
             f"{llpr.num_ensemble_members} ensemble members, "
             f"{time.perf_counter() - start:.1f} s",
             flush=True,

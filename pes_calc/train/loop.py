@@ -3,26 +3,26 @@
 The steps, in order: read the data → graphs at the model's cutoff → training-data
 statistics → the model and its loss, as its kind of run makes them (a fresh
 model, a fine-tuned one, an LLPR wrapper: `ModelSetup`) → Adam with warm-up and
-cosine decay → per epoch: batches, validation, CSV log, checkpoint, best model →
-the best model with its test errors. Rerunning on the same OUTDIR resumes from
-the checkpoint; the batch order depends only on (seed, epoch), so a resumed run
-retraces an uninterrupted one exactly.
+cosine decay (`pes_calc.train.schedule`) → per epoch (`pes_calc.train.epoch`):
+batches, validation, CSV log, checkpoint, best model → the best model with its
+test errors. With ``ema_decay`` set, validation, the best model and the saved
+model use the moving average of the weights (`pes_calc.train.ema`). Rerunning on
+the same OUTDIR resumes from the checkpoint; the batch order depends only on
+(seed, epoch), so a resumed run retraces an uninterrupted one exactly.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from pes_calc import keys
 from pes_calc.build import DTYPES
@@ -30,8 +30,8 @@ from pes_calc.graph import AtomicGraph, batch_order, graph_to, iterate_batches
 from pes_calc.llpr import LLPR
 from pes_calc.potential import Potential
 from pes_calc.train.checkpoint import (
-    read_checkpoint,
     read_log,
+    resume,
     save_best,
     write_checkpoint,
     write_log,
@@ -39,10 +39,13 @@ from pes_calc.train.checkpoint import (
 from pes_calc.train.config import TrainingConfigError, normalise_config
 from pes_calc.train.data import load_graphs
 from pes_calc.train.distributed import Distributed
+from pes_calc.train.ema import WeightEMA, evaluation_weights
+from pes_calc.train.epoch import Optimization, record_validation, train_epoch, validate
 from pes_calc.train.evaluation import measure_errors
 from pes_calc.train.llpr_training import LLPRSetup
 from pes_calc.train.losses import TotalLoss
 from pes_calc.train.progress import format_metrics, progress_bar, report_epoch
+from pes_calc.train.schedule import FINAL_LR_FRACTION, adam, scheduler
 from pes_calc.train.setup import (
     FineTuneSetup,
     FreshSetup,
@@ -52,12 +55,6 @@ from pes_calc.train.setup import (
 )
 
 __all__ = ["FINAL_LR_FRACTION", "TrainResult", "model_setup", "train"]
-
-# the learning rate decays along a cosine to this fraction of its peak
-FINAL_LR_FRACTION = 0.01
-
-# an epoch's log row: epoch, learning rate, losses, validation errors, time (s)
-Row = dict[str, float]
 
 
 @dataclass
@@ -70,21 +67,6 @@ class TrainResult:
     val_metrics: dict[str, float]
     test_metrics: dict[str, float]
     training_time_s: float
-
-
-@dataclass
-class _Optimization:
-    """What a training step needs besides the batch."""
-
-    trained: nn.Module  # the module a batch runs through (maybe DDP-wrapped)
-    model: nn.Module  # the model the loss is given (a Potential or an LLPR)
-    loss_fn: TotalLoss
-    parameters: list[nn.Parameter]
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    grad_clip_norm: float | None
-    compute_forces: bool
-    compute_stress: bool
 
 
 def model_setup(config: Mapping[str, Any]) -> ModelSetup:
@@ -127,11 +109,7 @@ def train(
     # Adam with warm-up and cosine decay over every step of the run
     parameters = [p for p in model.parameters() if p.requires_grad]
     num_epochs = training["num_epochs"] or 0  # llpr: null means no ensemble training
-    optimizer = torch.optim.Adam(
-        parameters,
-        lr=training["learning_rate"],
-        weight_decay=training["weight_decay"] or 0.0,
-    )
+    optimizer = adam(parameters, training)
     steps_per_epoch = len(
         batch_order(
             len(data.train_graphs),
@@ -142,18 +120,22 @@ def train(
         )
     )
     total_steps = steps_per_epoch * num_epochs
-    scheduler = _scheduler(optimizer, training["warmup_fraction"], total_steps)
+    lr_scheduler = scheduler(optimizer, training["warmup_fraction"], total_steps)
+    # the average of the (unwrapped) model's weights, from its initial ones
+    ema_decay = training.get("ema_decay")  # llpr runs have none
+    ema = None if ema_decay is None else WeightEMA(model, ema_decay)
 
-    # resume: weights, optimizer, schedule, best weights and the log so far
+    # resume: weights, optimizer, schedule, averages, best weights and the log
     checkpoint_path = outdir / "checkpoint.pt"
     model_path = outdir / "model.safetensors"
     log_path = outdir / "train.csv"
-    state, best_state = _resume(
+    state, best_state = resume(
         checkpoint_path,
         config,
         model,
         optimizer,
-        scheduler,
+        lr_scheduler,
+        ema,
         announce=distributed.is_main,
     )
     elapsed_before = state["elapsed_s"]
@@ -168,16 +150,17 @@ def train(
         trained = nn.parallel.DistributedDataParallel(
             fitted, find_unused_parameters=len(data.species) > 1
         )
-    step = _Optimization(
+    step = Optimization(
         trained,
         model,
         loss_fn,
         parameters,
         optimizer,
-        scheduler,
+        lr_scheduler,
         training["grad_clip_norm"],
         compute_forces=keys.FORCES in loss_fn.required_properties,
         compute_stress=keys.STRESS in loss_fn.required_properties,
+        ema=ema,
     )
     model.train()
 
@@ -193,19 +176,21 @@ def train(
             world_size=distributed.world_size,
         )
         batches = iterate_batches(train_graphs, order, device, dtype)
-        row = _train_epoch(step, batches, epoch, distributed, bar, checkpoint_path)
+        row = train_epoch(step, batches, epoch, distributed, bar, checkpoint_path)
 
-        validate = epoch % training["log_interval"] == 0 or epoch == num_epochs
+        validating = epoch % training["log_interval"] == 0 or epoch == num_epochs
         improved = False
-        if validate and distributed.is_main:
-            metrics, val_loss = _validate(fitted, val_graphs, loss_fn, training, device)
-            improved = _record_validation(
-                epoch, row, state, metrics, val_loss, training
-            )
+        if validating and distributed.is_main:
+            with evaluation_weights(ema):
+                metrics, val_loss = validate(
+                    fitted, val_graphs, loss_fn, training, device
+                )
+            improved = record_validation(epoch, row, state, metrics, val_loss, training)
             report_epoch(epoch, row["train_loss"], metrics, bar, progress)
         # rank 0 validates; every rank keeps the same best weights
-        if validate and distributed.broadcast_flag(improved):
-            best_state = copy.deepcopy(model.state_dict())
+        if validating and distributed.broadcast_flag(improved):
+            with evaluation_weights(ema):
+                best_state = copy.deepcopy(model.state_dict())
             if distributed.is_main:
                 save_best(model, best_state, model_path, config, state, {})
         state["epoch"] = epoch
@@ -221,8 +206,9 @@ def train(
                     model,
                     best_state,
                     optimizer,
-                    scheduler,
+                    lr_scheduler,
                     state,
+                    ema,
                 )
         for callback in callbacks:
             callback(epoch, row)
@@ -268,37 +254,6 @@ def _model_and_loss(
     return model, loss_fn, dtype
 
 
-def _resume(
-    path: Path,
-    config: dict[str, Any],
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LambdaLR,
-    announce: bool,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The loop state and best weights after the checkpoint at ``path`` (loaded
-    into ``model``, ``optimizer`` and ``scheduler``), or those of a fresh run."""
-    if not path.exists():
-        state = {
-            "epoch": 0,
-            "best_value": math.inf,
-            "best_epoch": 0,
-            "best_metrics": {},
-            "elapsed_s": 0.0,
-        }
-        return state, copy.deepcopy(model.state_dict())
-    checkpoint = read_checkpoint(path, config)
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
-    if announce:
-        print(
-            f"resuming {path.parent} after epoch {checkpoint['state']['epoch']}",
-            flush=True,
-        )
-    return checkpoint["state"], checkpoint["best_model"]
-
-
 def _device(name: str) -> torch.device:
     """The config's device; ``auto`` is CUDA where there is one."""
     if name == "auto":
@@ -309,117 +264,6 @@ def _device(name: str) -> torch.device:
 def _on_cpu(graphs: Sequence[AtomicGraph], dtype: torch.dtype) -> list[AtomicGraph]:
     """``graphs`` in the model's dtype, kept on the CPU until they are batched."""
     return [graph_to(graph, torch.device("cpu"), dtype) for graph in graphs]
-
-
-def _learning_rate_factor(step: int, warmup_steps: int, total_steps: int) -> float:
-    """Linear warm-up to 1, then cosine decay to `FINAL_LR_FRACTION`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
-    cosine = 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return FINAL_LR_FRACTION + (1.0 - FINAL_LR_FRACTION) * cosine
-
-
-def _scheduler(
-    optimizer: torch.optim.Optimizer, warmup_fraction: float, total_steps: int
-) -> torch.optim.lr_scheduler.LambdaLR:
-    """`_learning_rate_factor` over ``total_steps``, stepped once per batch."""
-    warmup_steps = max(1, int(warmup_fraction * total_steps))
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: _learning_rate_factor(step, warmup_steps, total_steps)
-    )
-
-
-def _train_epoch(
-    step: _Optimization,
-    batches: Iterable[AtomicGraph],
-    epoch: int,
-    distributed: Distributed,
-    bar: tqdm | None,
-    checkpoint_path: Path,
-) -> Row:
-    """One pass over ``batches``: the log row's epoch, learning rate and mean
-    training losses (over every rank's batches)."""
-    loss_sum, num_batches = 0.0, 0
-    term_sums: dict[str, float] = {}
-    for batch in batches:
-        step.optimizer.zero_grad(set_to_none=True)
-        predictions = step.trained(batch, step.compute_forces, step.compute_stress)
-        total, terms = step.loss_fn(step.model, batch, predictions)
-        if not torch.isfinite(total):
-            raise FloatingPointError(
-                f"epoch {epoch}: the loss is {total.item()}; lower learning_rate or "
-                f"set grad_clip_norm. {checkpoint_path} holds the last good epoch"
-            )
-        total.backward()
-        if step.grad_clip_norm is not None:
-            nn.utils.clip_grad_norm_(step.parameters, float(step.grad_clip_norm))
-        step.optimizer.step()
-        step.scheduler.step()
-        loss_sum += total.item()
-        for term, value in terms.items():
-            term_sums[term] = term_sums.get(term, 0.0) + value.item()
-        num_batches += 1
-        if bar is not None:
-            bar.update(1)
-    all_batches = distributed.sum(num_batches)
-    row: Row = {
-        "epoch": epoch,
-        "learning_rate": step.optimizer.param_groups[0]["lr"],
-        "train_loss": distributed.sum(loss_sum) / all_batches,
-    }
-    for term, value in term_sums.items():
-        row[f"train_{term}"] = distributed.sum(value) / all_batches
-    return row
-
-
-def _validate(
-    model: nn.Module,
-    graphs: Sequence[AtomicGraph],
-    loss_fn: TotalLoss,
-    training: Mapping[str, Any],
-    device: torch.device,
-) -> tuple[dict[str, float], float]:
-    """Validation errors and loss, in eval mode (no graph kept for second
-    derivatives)."""
-    model.eval()
-    try:
-        evaluation = measure_errors(
-            model,
-            graphs,
-            batch_size=training["batch_size"],
-            device=device,
-            loss_fn=loss_fn,
-        )
-        metrics = evaluation.metrics()
-        val_loss = evaluation.mean_loss
-    finally:
-        model.train()
-    return metrics, val_loss
-
-
-def _record_validation(
-    epoch: int,
-    row: Row,
-    state: dict[str, Any],
-    metrics: dict[str, float],
-    val_loss: float,
-    training: Mapping[str, Any],
-) -> bool:
-    """Add the validation errors to the log ``row``; True, with ``state``'s best
-    epoch updated, if they beat the best so far."""
-    row["val_loss"] = val_loss
-    row.update({f"val_{k}": v for k, v in metrics.items() if k != "num_structures"})
-    value = _selection_value(metrics, val_loss, training["best_model_metric"])
-    if value < state["best_value"]:  # a NaN never is
-        state.update(best_value=value, best_epoch=epoch, best_metrics=metrics)
-        return True
-    return False
-
-
-def _selection_value(metrics: dict[str, float], val_loss: float, metric: str) -> float:
-    """The number the best model minimises: ``best_model_metric``'s value."""
-    return val_loss if metric == "loss" else metrics.get(metric, val_loss)
 
 
 def _test_errors(

@@ -243,3 +243,27 @@ def test_uncertainties_are_scored_against_labelled_residuals(graphs):
     # the error keys are still there, and unchanged by the uncertainties
     plain = measure_errors(Constant(), graph_list, batch_size=1).metrics()
     assert {k: metrics[k] for k in plain} == plain
+
+
+def test_per_atom_force_calibration_uses_norms_over_the_components(graphs):
+    """atom_forces: ‖ΔF_i‖/√3 against ‖σ_F,i‖/√3 for every atom (σ_i > 0 even
+    where one component's σ is 0)."""
+    structures, graph_list = graphs
+    metrics = measure_errors(WithUncertainty(), graph_list, batch_size=1).metrics()
+    errors, sigmas = [], []
+    for atoms in structures:
+        residual = np.array([1.0, 0.0, 0.0]) - atoms.get_forces()
+        sigma = np.repeat(0.1 * (1 + np.arange(len(atoms)))[:, None], 3, axis=1)
+        sigma[0, 0] = 0.0
+        errors.append(np.linalg.norm(residual, axis=1) / np.sqrt(3))
+        sigmas.append(np.linalg.norm(sigma, axis=1) / np.sqrt(3))
+    errors, sigmas = np.concatenate(errors), np.concatenate(sigmas)
+    assert metrics["atom_forces_mean_squared_z"] == pytest.approx(
+        np.mean(errors**2 / sigmas**2), rel=1e-10
+    )
+    assert metrics["atom_forces_spearman"] == pytest.approx(
+        spearman(sigmas, errors), rel=1e-12
+    )
+    assert metrics["atom_forces_uncertainty_mean"] == pytest.approx(
+        np.mean(sigmas), rel=1e-12
+    )

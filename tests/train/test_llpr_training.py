@@ -14,13 +14,13 @@ from pes_calc.io import load_model, read_metadata
 from pes_calc.train import TrainingConfigError, train
 from pes_calc.train.data import LabelKeys, load_graphs
 from pes_calc.train.llpr import (
-    LinearisedEnsemble,
     calibration_factor,
     fit_covariance,
-    linearise,
     raw_energy_errors,
+    raw_force_errors,
     wrap,
 )
+from pes_calc.train.llpr_ensemble import LinearisedEnsemble, linearise
 from pes_calc.train.losses import EnsembleNLLLoss, ensemble_loss_from_config
 
 TINY_SOAP = {
@@ -87,6 +87,15 @@ def test_calibration_only_run_writes_a_calibrated_llpr_model(data, tmp_path):
     expected = math.sqrt(math.pi / 2) * float(torch.mean(residuals.abs() / sigmas))
     assert alpha == pytest.approx(expected, rel=1e-10)
     assert settings["multiplier"] == pytest.approx(alpha)
+    model.state.multiplier.fill_(alpha)
+    # the force factor β on the validation forces, with the sampled members
+    beta = model.state.force_scale.item()
+    model.state.force_scale.fill_(1.0)
+    residuals, sigmas = raw_force_errors(model, graphs(data, "val", model))
+    expected = math.sqrt(math.pi / 2) * float(torch.mean(residuals.abs() / sigmas))
+    assert beta == pytest.approx(expected, rel=1e-10) and beta != 1.0
+    assert settings["force_scale"] == pytest.approx(beta)
+    assert settings["forces_multiplier"] == pytest.approx(alpha * beta)
     # the covariance is the training set's, the base model untouched
     base = load_model(data / "base.safetensors")
     for name, tensor in base.state_dict().items():
@@ -183,6 +192,26 @@ def test_train_all_parameters_refits_the_uncertainty(data, tmp_path):
     torch.testing.assert_close(
         fit_covariance(model, graphs(data, "train", model)), stored
     )
+
+
+def test_ensemble_training_refits_the_force_factor_on_the_trained_members(
+    data, tmp_path
+):
+    result = train(
+        llpr_config(
+            data, num_epochs=2, learning_rate=0.05, loss={"type": "ensemble_nll"}
+        ),
+        tmp_path,
+        progress=False,
+    )
+    model = load_model(result.model_path)
+    beta = model.state.force_scale.item()
+    model.state.force_scale.fill_(1.0)
+    residuals, sigmas = raw_force_errors(model, graphs(data, "val", model))
+    expected = math.sqrt(math.pi / 2) * float(torch.mean(residuals.abs() / sigmas))
+    assert beta == pytest.approx(expected, rel=1e-10)
+    settings = read_metadata(result.model_path)["llpr"]
+    assert settings["force_scale"] == pytest.approx(beta)
 
 
 def test_ensemble_nll_matches_the_gaussian_formula():

@@ -1,7 +1,5 @@
 import csv
 import json
-import os
-import socket
 from pathlib import Path
 
 import ase.io
@@ -191,49 +189,6 @@ def test_config_errors_are_named(data, tmp_path):
     del bad["data"]["val"]
     with pytest.raises(TrainingConfigError, match="'val'"):
         train(bad, tmp_path, progress=False)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ddp_worker(rank, world_size, port, run_config, outdir):
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world_size),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    result = train(run_config, outdir, progress=False)
-    torch.save(result.model.state_dict(), outdir / f"rank{rank}.pt")
-    torch.distributed.destroy_process_group()
-
-
-def test_distributed_training_with_two_processes(data, tmp_path):
-    import torch.multiprocessing as mp
-
-    run_config = config(data, epochs=2, distributed=True)
-    context = mp.get_context("spawn")
-    port = _free_port()
-    processes = [
-        context.Process(target=_ddp_worker, args=(r, 2, port, run_config, tmp_path))
-        for r in range(2)
-    ]
-    for process in processes:
-        process.start()
-    for process in processes:
-        process.join(timeout=120)
-        assert process.exitcode == 0
-    states = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-    # DDP keeps the replicas identical; rank 0 alone writes the run directory
-    for name, value in states[0].items():
-        torch.testing.assert_close(states[1][name], value)
-    assert len(log_rows(tmp_path)) == 2
-    assert (tmp_path / "model.safetensors").exists()
 
 
 def test_cli_train_then_eval_json_matches_the_calculator(data, tmp_path):
