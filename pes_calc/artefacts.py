@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import platform
 import tempfile
 import warnings
 import zipfile
@@ -27,6 +28,9 @@ import ase
 import numpy as np
 import torch
 from torch import Tensor
+
+# torch's own choice of vector instructions, and the CPU's flags (from cpuinfo)
+from torch._inductor.cpu_vec_isa import pick_vec_isa, x86_isa_checker
 
 from pes_calc import keys
 from pes_calc.archive import check_archive
@@ -41,8 +45,10 @@ __all__ = [
     "REQUIRED_IMPORTS",
     "WEIGHTS_FILE",
     "example_graph",
+    "compiled_cpu_features",
     "import_required",
     "load_artefact",
+    "missing_cpu_features",
     "read_artefact_metadata",
 ]
 
@@ -181,6 +187,17 @@ def _load_aotinductor(
             stacklevel=3,
         )
         return eager
+    missing = missing_cpu_features(metadata)
+    if missing:
+        # compiled loops with instructions this CPU lacks would not raise: they
+        # would kill the process (SIGILL), so they must never run
+        warnings.warn(
+            f"{path} was compiled for CPU features this machine lacks "
+            f"({', '.join(missing)}): running its eager model instead (recompile "
+            "here with pes-calc compile for the compiled speed)",
+            stacklevel=3,
+        )
+        return eager
     try:
         compiled = torch._inductor.aoti_load_package(str(path))
         loaded = AOTInductorPotential(
@@ -204,6 +221,27 @@ def _load_aotinductor(
             stacklevel=3,
         )
     return loaded
+
+
+def compiled_cpu_features() -> dict[str, Any]:
+    """The CPU this machine's inductor compiles for: its architecture and the
+    vector-instruction flags the generated loops may use (x86: e.g. avx2 fma)."""
+    isa = pick_vec_isa()
+    return {"machine": platform.machine(), "flags": str(isa).split() if isa else []}
+
+
+def missing_cpu_features(metadata: dict[str, Any]) -> list[str]:
+    """What a package's compiled CPU code needs that this machine lacks: another
+    architecture, or x86 flags absent here (empty when nothing is recorded)."""
+    recorded = metadata.get("cpu_features")
+    if not recorded or torch.device(metadata.get("device", "cpu")).type != "cpu":
+        return []
+    if recorded["machine"] != platform.machine():
+        return [f"a {recorded['machine']} CPU, not {platform.machine()}"]
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return []  # the library would not load on another ISA: the fallback catches it
+    available = set(x86_isa_checker())
+    return [flag for flag in recorded["flags"] if flag not in available]
 
 
 def _check_against_eager(

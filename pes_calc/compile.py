@@ -21,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -38,6 +39,7 @@ from pes_calc.artefacts import (
     METADATA_FILE,
     REQUIRED_IMPORTS,
     WEIGHTS_FILE,
+    compiled_cpu_features,
     example_graph,
     flat_inputs,
 )
@@ -203,6 +205,8 @@ def _compile_aotinductor(model: Any, path: Path, metadata: dict[str, Any]) -> No
         # inductor writes serial loops for 1 thread and parallel ones (with atomic
         # adds for scatters) for more: a package runs best with the count it had
         metadata["cpu_threads"] = torch.get_num_threads()
+        # so that a package moved to a CPU without them runs eager, not SIGILL
+        metadata["cpu_features"] = compiled_cpu_features()
     if hasattr(model, "ensemble_forces"):
         # ensemble forces take extra backward passes: the loaded artefact asks eager
         model.ensemble_forces = False
@@ -255,7 +259,13 @@ def _export_and_compile(flat: _FlatInputs, graph: AtomicGraph, package: Path) ->
     exported = torch.export.export(
         traced, args, dynamic_shapes=dynamic_shapes, strict=False
     )
-    torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
+    with warnings.catch_warnings():
+        # inductor imports torch.utils.mkldnn, whose classes still use
+        # torch.jit.script_method: torch's deprecation, not the user's TorchScript
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.", category=DeprecationWarning
+        )
+        torch._inductor.aoti_compile_and_package(exported, package_path=str(package))
 
 
 def _cache_dir() -> Path:

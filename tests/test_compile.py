@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from helpers import emt_structures
 
 from pes_calc import PESCalculator, build_model, evaluate, keys, save_model
+from pes_calc import artefacts as artefacts_module
 from pes_calc import compile as compile_module
 from pes_calc.artefacts import (
     AOTInductorPotential,
@@ -224,6 +225,38 @@ def test_broken_compiled_code_falls_back_to_eager(package, llpr, monkeypatch):
     assert isinstance(model, LLPR)
 
 
+def test_a_package_on_a_cpu_without_its_instructions_runs_eager(
+    package, llpr, monkeypatch
+):
+    """Compiled loops with instructions the CPU lacks would kill the process, so
+    the package records them and another CPU runs the eager model it carries."""
+    metadata = read_artefact_metadata(package)
+    recorded = metadata["cpu_features"]
+    assert recorded["machine"] and isinstance(recorded["flags"], list)
+
+    def must_not_load(path):
+        raise AssertionError("the compiled code was loaded")
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", must_not_load)
+    monkeypatch.setattr(artefacts_module, "x86_isa_checker", lambda: [])
+    if recorded["flags"] and recorded["machine"] in ("x86_64", "AMD64"):
+        with pytest.warns(UserWarning, match="CPU features this machine lacks"):
+            model, _ = load_artefact(package)
+        assert isinstance(model, LLPR)
+    monkeypatch.setattr(artefacts_module.platform, "machine", lambda: "riscv64")
+    with pytest.warns(UserWarning, match=f"a {recorded['machine']} CPU, not riscv64"):
+        model, _ = load_artefact(package)
+    assert isinstance(model, LLPR)
+    # and the eager model gives the eager numbers
+    atoms = structures()[0]
+    with pytest.warns(UserWarning, match="riscv64"):
+        atoms.calc = PESCalculator(package, device="cpu")
+    forces = atoms.get_forces()
+    expected = atoms.copy()
+    expected.calc = PESCalculator(llpr, device="cpu")
+    np.testing.assert_allclose(forces, expected.get_forces(), rtol=1e-12, atol=1e-12)
+
+
 def test_disagreeing_compiled_code_falls_back_to_eager(package, monkeypatch):
     real = torch._inductor.aoti_load_package
 
@@ -235,6 +268,43 @@ def test_disagreeing_compiled_code_falls_back_to_eager(package, monkeypatch):
     with pytest.warns(UserWarning, match="differs from eager"):
         model, _ = load_artefact(package)
     assert isinstance(model, LLPR)
+
+
+NO_JIT_WARNINGS = """
+import sys, warnings
+warnings.filterwarnings("error", message=r"`torch\\.jit", category=DeprecationWarning)
+import ase.build
+import pes_calc
+from pes_calc import PESCalculator
+from pes_calc.cli import main
+for path in sys.argv[1:]:
+    atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True) * (2, 1, 1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning)  # thread counts
+        atoms.calc = PESCalculator(path, device="cpu")
+    atoms.get_forces(), atoms.get_stress()
+print("ok")
+"""
+
+
+def test_torchscript_deprecations_never_reach_the_other_paths(package, llpr, tmp_path):
+    """torch 2.13 deprecates torch.jit: a user of .safetensors and .pt2 files (and
+    of the CLI module) gets none of its warnings, in a fresh process."""
+    save_model(llpr, tmp_path / "model.safetensors")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            NO_JIT_WARNINGS,
+            str(tmp_path / "model.safetensors"),
+            str(package),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok")
 
 
 def test_unknown_mode(llpr, tmp_path):

@@ -46,6 +46,12 @@ from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
 from pes_calc.nn.scatter import neighbor_normalization, scatter_sum
 from pes_calc.potential import Architecture
 
+# our BesselBasis (√2 sin(nπx)/x) in units of nequip-allegro's (n sinc(nx) =
+# sin(nπx)/(πx)), as in pes_calc.architectures.nequip: the Bessel projection starts
+# from the weights nequip-allegro's would have on its basis. Only the initial weights
+# change; a given state dict computes the same numbers.
+RADIAL_INPUT_SCALE = 1.0 / (math.sqrt(2.0) * math.pi)
+
 RADIAL_EMBEDS: Dict[str, dict] = {
     "TwoBodyBesselScalarEmbed": {
         "num_bessels": 8,
@@ -100,7 +106,13 @@ class BesselEmbedding(nn.Module):
         self.polynomial_cutoff_p = float(hypers["polynomial_cutoff_p"])
         self.bessel = BesselBasis(hypers["num_bessels"], hypers["bessel_trainable"])
         num_bessels, width = hypers["num_bessels"], hypers["two_body_embedding_dim"]
-        self.projection = normalized_init_(nn.Linear(num_bessels, width, bias=False))
+        # initial weights as if the input were nequip's Bessel basis (see
+        # RADIAL_INPUT_SCALE); with unit-scale weights the tensor track of an untrained
+        # model sits at the edge of a runaway (environments ~ √neighbors · mean weight,
+        # fed back through the latents into the next layer's environment weights)
+        self.projection = normalized_init_(
+            nn.Linear(num_bessels, width, bias=False), gain=RADIAL_INPUT_SCALE
+        )
         self.pair_embedding = nn.Embedding(
             num_species * num_species, hypers["two_body_embedding_dim"]
         )
