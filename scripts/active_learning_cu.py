@@ -8,8 +8,8 @@ the reference; MD on the 32- and 108-atom fcc cells at 1400 and 1800 K) in
 ``runs/active-learning-cu/loop`` and writes ``runs/active-learning-cu/report.md``:
 per round, the structures labelled, the errors on data/cu-emt/hot.xyz
 (1600–2000 K, never trained on), the largest uncertainty seen in MD and the MD
-steps survived before the first uncertain structure. About 12–15 minutes on 2
-CPU cores; rerun to resume.
+steps survived before the first uncertain structure. About 10 minutes of CPU
+(one torch thread; README); rerun to resume.
 
     python scripts/active_learning_cu.py [--config scripts/active-learning-cu.yaml]
 """
