@@ -30,41 +30,24 @@ near the actual mean neighbor count: without it every environment Γ_i grows lik
 √neighbors, and the tensor track, a product of them, with its power.
 """
 
-import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
 from e3nn import o3
 from torch import Tensor, nn
 
-import pes_calc.nn.gather  # noqa: F401 (registers torch.ops.pes_calc.gathered_matvec)
 from pes_calc.config import merge_hypers
 from pes_calc.graph import AtomicGraph, number_of_atoms
-from pes_calc.nn.cutoffs import polynomial_envelope
+from pes_calc.nn.channel_tensor_product import (
+    ChannelTensorProduct,
+    irrep_index,
+    weighted_harmonics,
+)
 from pes_calc.nn.mlp import MLP, normalized_init_, readout
-from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
+from pes_calc.nn.radial import EdgeCutoffs
 from pes_calc.nn.scatter import neighbor_normalization, scatter_sum
+from pes_calc.nn.two_body import RADIAL_EMBEDS, BesselEmbedding, SplineEmbedding
 from pes_calc.potential import Architecture
-
-# our BesselBasis (√2 sin(nπx)/x) in units of nequip-allegro's (n sinc(nx) =
-# sin(nπx)/(πx)), as in pes_calc.architectures.nequip: the Bessel projection starts
-# from the weights nequip-allegro's would have on its basis. Only the initial weights
-# change; a given state dict computes the same numbers.
-RADIAL_INPUT_SCALE = 1.0 / (math.sqrt(2.0) * math.pi)
-
-RADIAL_EMBEDS: Dict[str, dict] = {
-    "TwoBodyBesselScalarEmbed": {
-        "num_bessels": 8,
-        "bessel_trainable": False,
-        "polynomial_cutoff_p": 6,
-        "two_body_embedding_dim": 32,
-    },
-    "TwoBodySplineScalarEmbed": {
-        "num_splines": 8,
-        "spline_span": 3,
-        "polynomial_cutoff_p": 6,
-    },
-}
 
 DEFAULT_HYPERS: dict = {
     "r_max": 5.0,
@@ -94,104 +77,6 @@ DEFAULT_HYPERS: dict = {
     "avg_num_neighbors": None,
     "pair_potential": None,
 }
-
-
-class BesselEmbedding(nn.Module):
-    """TwoBodyBesselScalarEmbed: Bessel basis × envelope, projected and multiplied by
-    a learned embedding of the (centre, neighbor) type pair."""
-
-    def __init__(self, num_species: int, hypers: Dict):
-        super().__init__()
-        self.num_species = num_species
-        self.polynomial_cutoff_p = float(hypers["polynomial_cutoff_p"])
-        self.bessel = BesselBasis(hypers["num_bessels"], hypers["bessel_trainable"])
-        num_bessels, width = hypers["num_bessels"], hypers["two_body_embedding_dim"]
-        # initial weights as if the input were nequip's Bessel basis (see
-        # RADIAL_INPUT_SCALE); with unit-scale weights the tensor track of an untrained
-        # model sits at the edge of a runaway (environments ~ √neighbors · mean weight,
-        # fed back through the latents into the next layer's environment weights)
-        self.projection = normalized_init_(
-            nn.Linear(num_bessels, width, bias=False), gain=RADIAL_INPUT_SCALE
-        )
-        self.pair_embedding = nn.Embedding(
-            num_species * num_species, hypers["two_body_embedding_dim"]
-        )
-        self.out_features = int(hypers["two_body_embedding_dim"])
-
-    def forward(self, x: Tensor, species_i: Tensor, species_j: Tensor) -> Tensor:
-        envelope = polynomial_envelope(x, 1.0, self.polynomial_cutoff_p)
-        radial = self.projection(self.bessel(x) * envelope.unsqueeze(-1))
-        return radial * self.pair_embedding(species_i * self.num_species + species_j)
-
-
-class SplineEmbedding(nn.Module):
-    """TwoBodySplineScalarEmbed: per type-pair coefficients of uniform B-splines of
-    degree spline_span - 1 on x ∈ [0, 1], times the polynomial envelope."""
-
-    def __init__(self, num_species: int, hypers: Dict, out_features: int):
-        super().__init__()
-        self.num_species = num_species
-        self.num_splines = int(hypers["num_splines"])
-        self.degree = int(hypers["spline_span"]) - 1
-        if self.num_splines < 2 or self.degree < 1:
-            raise ValueError(
-                "TwoBodySplineScalarEmbed needs num_splines ≥ 2, spline_span ≥ 2"
-            )
-        self.polynomial_cutoff_p = float(hypers["polynomial_cutoff_p"])
-        self.out_features = out_features
-        self.coefficients = nn.Embedding(
-            num_species * num_species, self.num_splines * out_features
-        )
-        nn.init.uniform_(
-            self.coefficients.weight,
-            -math.sqrt(3.0 / self.degree),
-            math.sqrt(3.0 / self.degree),
-        )
-        # cardinal B-spline of degree d = Σ_j (-1)^j C(d+1, j) (t - j)₊^d / d!
-        terms = [
-            (-1.0) ** j * math.comb(self.degree + 1, j) / math.factorial(self.degree)
-            for j in range(self.degree + 2)
-        ]
-        self.register_buffer(
-            "terms", torch.tensor(terms, dtype=torch.float64), persistent=False
-        )
-
-    def forward(self, x: Tensor, species_i: Tensor, species_j: Tensor) -> Tensor:
-        spacing = 1.0 / (self.num_splines - 1)
-        centres = (
-            torch.arange(self.num_splines, dtype=x.dtype, device=x.device) * spacing
-        )
-        t = (x.unsqueeze(-1) - centres) / spacing + 0.5 * (self.degree + 1)  # (E, K)
-        shifts = torch.arange(self.degree + 2, dtype=x.dtype, device=x.device)
-        powers = (
-            torch.clamp(t.unsqueeze(-1) - shifts, min=0.0) ** self.degree
-        )  # (E, K, d+2)
-        basis = (powers * self.terms.to(x.dtype)).sum(-1)  # (E, K)
-        # beyond its support (t ≥ d + 1) the truncated-power sum is zero only up to
-        # rounding of terms ~ t^d (1e-3 in float32 for 32 splines): make it exact
-        basis = torch.where(t < self.degree + 1, basis, torch.zeros_like(basis))
-        coefficients = self.coefficients(species_i * self.num_species + species_j)
-        coefficients = coefficients.view(-1, self.num_splines, self.out_features)
-        envelope = polynomial_envelope(x, 1.0, self.polynomial_cutoff_p)
-        return (basis.unsqueeze(-1) * coefficients).sum(1) * envelope.unsqueeze(-1)
-
-
-def weighted_harmonics(
-    weights: Tensor, harmonics: Tensor, irrep_of_component: Tensor
-) -> Tensor:
-    """Channels of weighted spherical harmonics, channel-major: (E, C, Σ 2l+1).
-
-    ``weights`` (E, C, n_irreps) scales each irrep block of ``harmonics`` (E, Σ 2l+1)
-    per channel; ``irrep_of_component`` (Σ 2l+1,) names the irrep of each component.
-    """
-    return weights.index_select(-1, irrep_of_component) * harmonics.unsqueeze(1)
-
-
-def irrep_index(irreps: o3.Irreps) -> Tensor:
-    """(Σ 2l+1,) position in ``irreps`` of each component of one channel."""
-    return torch.tensor(
-        [k for k, (_, ir) in enumerate(irreps) for _ in range(ir.dim)], dtype=torch.long
-    )
 
 
 def tensor_track_irreps(
@@ -418,119 +303,3 @@ class Allegro(Architecture):
             -1
         )
         return self.last_layer(features).squeeze(-1), features
-
-
-class ChannelTensorProduct(nn.Module):
-    """Channel-wise ('uuu') tensor product of edge tensors with their centre's
-    environment; path weights are per (path, channel) with ``tp_path_channel_coupling``,
-    else one weight per path shared by channels.
-
-    Both inputs and the output are channel-major, (rows, C, Σ 2l+1). The e3nn
-    ``tensor_product`` holds the weights (and the state-dict layout); its paths are
-    summed into one coupling tensor W[u, i, j, k], contracted with the environment
-    per atom, M[n, u, i, k] = Σ_j Γ[n, u, j] W[u, i, j, k], so each edge costs one
-    (Σ 2l+1)² matrix-vector product out[e, u] = V[e, u] · M[centre(e), u], not an
-    outer product per path (e3nn's forward, ~3× slower and larger on CPU).
-    """
-
-    def __init__(
-        self,
-        irreps_1: o3.Irreps,
-        irreps_2: o3.Irreps,
-        irreps_out: o3.Irreps,
-        instructions: list,
-        coupling: bool,
-    ):
-        super().__init__()
-        self.coupling = coupling
-        self.tensor_product = o3.TensorProduct(
-            irreps_1,
-            irreps_2,
-            irreps_out,
-            instructions,
-            internal_weights=coupling,
-            shared_weights=True,
-        )
-        self.channels = irreps_out[0].mul
-        num_paths = len(instructions)
-        self.num_paths = num_paths
-        self.path_weights = nn.Parameter(torch.randn(0 if coupling else num_paths))
-        self.broadcast_contraction = False  # see prepare_for_export
-        # per path: a scale (a Python float, kept exact in any model dtype) × a pattern
-        # of Wigner 3j symbols in the (i, j, k) block of its irreps. Where e3nn's
-        # forward uses exact constants (an l = 0 irrep, or 1 ⊗ 1 → 1) the pattern is
-        # 0/±1 and the scale carries 1/√dim, so a float32 build cast to float64 agrees
-        # with it too
-        offsets = [
-            [0] + [sum(ir.dim for _, ir in irreps[: k + 1]) for k in range(len(irreps))]
-            for irreps in (irreps_1, irreps_2, irreps_out)
-        ]
-        dims = [offset[-1] for offset in offsets]
-        patterns = torch.zeros(
-            num_paths, dims[0], dims[1], dims[2], dtype=torch.float64
-        )
-        path_scales: List[float] = []
-        for p, ins in enumerate(self.tensor_product.instructions):
-            ls = (
-                irreps_1[ins.i_in1].ir.l,
-                irreps_2[ins.i_in2].ir.l,
-                irreps_out[ins.i_out].ir.l,
-            )
-            (a1, b1), (a2, b2), (a3, b3) = [
-                (o[k], o[k + 1])
-                for o, k in zip(offsets, (ins.i_in1, ins.i_in2, ins.i_out))
-            ]
-            wigner = o3.wigner_3j(*ls, dtype=torch.float64)
-            exact = (
-                6.0 if ls == (1, 1, 1) else float(2 * max(ls) + 1) if 0 in ls else 0.0
-            )
-            if exact:
-                wigner = torch.round(wigner * math.sqrt(exact))
-            patterns[p, a1:b1, a2:b2, a3:b3] = wigner
-            path_scales.append(
-                ins.path_weight / math.sqrt(exact) if exact else ins.path_weight
-            )
-        self.register_buffer(
-            "patterns", patterns.to(torch.get_default_dtype()), persistent=False
-        )
-        # a plain attribute, not a buffer: .to(float32) must not round the scales
-        self.path_scales = torch.tensor(path_scales, dtype=torch.float64)
-
-    def forward(self, x: Tensor, environment: Tensor, centre: Tensor) -> Tensor:
-        """``x`` (E, C, D₁) edge tensors, ``environment`` (N, C, D₂) per atom,
-        ``centre`` (E,) each edge's atom → (E, C, D_out)."""
-        if self.coupling:
-            weight = self.tensor_product.weight.view(self.num_paths, self.channels)
-        else:
-            weight = self.path_weights.unsqueeze(-1).expand(
-                self.num_paths, self.channels
-            )
-        # a few numbers per call; a TorchScript artefact's .to() cannot recast a buffer
-        # from the float64 master (on a GPU this is a small host-to-device copy)
-        scales = self.path_scales.to(device=weight.device, dtype=weight.dtype)
-        # W[u, j, (i, k)], so that the per-atom contraction over j is one batched matmul
-        coupling = torch.einsum(
-            "pu,pijk->ujik", weight * scales.unsqueeze(-1), self.patterns
-        )
-        dim_1, dim_out = self.patterns.shape[1], self.patterns.shape[3]
-        per_atom = torch.bmm(
-            environment.transpose(0, 1),
-            coupling.reshape(self.channels, -1, dim_1 * dim_out),
-        )
-        per_atom = per_atom.transpose(0, 1).reshape(
-            -1, self.channels, dim_1, dim_out
-        )  # (N, C, D₁, D_out)
-        if self.broadcast_contraction:
-            # each edge reads its centre's matrices (E, C, D₁, D_out), which autograd
-            # keeps
-            per_edge = per_atom.index_select(0, centre)
-            return (x.unsqueeze(-1) * per_edge).sum(-2)
-        # the same in chunks of edges, keeping no per-edge matrices
-        # (pes_calc/nn/gather.py)
-        return torch.ops.pes_calc.gathered_matvec(x, per_atom, centre)
-
-    def prepare_for_export(self) -> None:
-        """Contract by gather, multiply and sum, which inductor fuses into one loop (the
-        chunked operator of eager and TorchScript is Python, which a compiled package
-        cannot call)."""
-        self.broadcast_contraction = True

@@ -22,7 +22,6 @@ untrained model's node features stay O(0.1-1) through the layers, given an
 avg_num_neighbors near the actual mean neighbor count.
 """
 
-import math
 from typing import Dict, List, Sequence, Tuple
 
 import torch
@@ -33,13 +32,10 @@ from torch import Tensor, nn
 from pes_calc.graph import AtomicGraph
 from pes_calc.nn.cutoffs import polynomial_envelope
 from pes_calc.nn.mlp import MLP, normalized_init_, readout
-from pes_calc.nn.radial import BesselBasis, EdgeCutoffs
+from pes_calc.nn.radial import RADIAL_INPUT_SCALE, BesselBasis, EdgeCutoffs
 from pes_calc.nn.scatter import neighbor_normalization
 from pes_calc.nn.tensor_product import EdgeTensorProduct
 from pes_calc.potential import Architecture
-
-# our BesselBasis (√2 sin(nπx)/x) in units of nequip's (n sinc(nx) = sin(nπx)/(πx))
-RADIAL_INPUT_SCALE = 1.0 / (math.sqrt(2.0) * math.pi)
 
 DEFAULT_HYPERS: dict = {
     "r_max": 5.0,

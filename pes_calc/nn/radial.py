@@ -68,6 +68,12 @@ class EdgeCutoffs(nn.Module):
         return lengths / self.cutoffs[species_i, species_j].to(lengths.dtype)
 
 
+# our BesselBasis (√2 sin(nπx)/x) in units of nequip's (n sinc(nx) = sin(nπx)/(πx)):
+# a first radial layer initialised with this gain starts from the weights nequip's
+# would have on its basis
+RADIAL_INPUT_SCALE = 1.0 / (math.sqrt(2.0) * math.pi)
+
+
 class BesselBasis(nn.Module):
     """b_n(x) = √2 sin(nπx) / x on normalised lengths x ∈ (0, 1]; the frequencies nπ
     are trainable when ``trainable``."""
