@@ -8,7 +8,9 @@ AOTInductor: the energy and its backward pass are traced together into one graph
 (``make_fx``; ``torch.export`` cannot trace ``autograd.grad`` itself), exported with
 dynamic numbers of atoms, edges and structures, and compiled to a shared library in
 a ``.pt2`` package, which also holds the eager model's weights (the load-time check
-and the fallback). Compiling takes minutes, so packages are cached by (weights,
+and the fallback). Long-range models take their cell-dependent integer data (Ewald's
+k-vector indices, PME's mesh shape, direct-sum pairs) as further inputs, computed
+by the package's wrapper (`pes_calc.nn.long_range.export_inputs`). Compiling takes minutes, so packages are cached by (weights,
 torch version, device, dtype, CPU threads, pes_calc's source) in
 ``$PES_CALC_CACHE_DIR`` (default ``~/.cache/pes_calc``).
 """
@@ -294,13 +296,11 @@ def _export_and_compile(
             {0: direct_pairs},
         )
     elif flat.extra_names:
-        # Ewald: the k-vectors, (k, atom) pairs and the direct-sum pairs
+        # Ewald: the k-vectors and the direct-sum pairs
         kvectors = Dim("num_kvectors", min=1, max=2**31 - 2)
-        kspace_pairs = Dim("num_kspace_pairs", min=1, max=2**31 - 2)
         dynamic_shapes += (
             {0: kvectors},
             {0: kvectors},
-            {1: kspace_pairs},
             {1: direct_pairs},
             {0: direct_pairs},
         )

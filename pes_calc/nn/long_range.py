@@ -62,6 +62,16 @@ energies of the same molecule could not agree. Two ways:
 Edges are the graph's full list (both i→j and j→i), which torch-pme takes with
 ``full_neighbor_list=True``. Forces and stress come from autograd through positions
 and the (strained) cell, including the k-vectors and the volume.
+
+**AOTInductor.** An exported graph cannot hold shapes that depend on the cell's
+values (Ewald's k-vector count, PME's mesh, the direct sum's pairs), so
+`export_inputs` computes that integer data outside the graph, and after
+`prepare_for_export` the module reads it from ``graph.properties``: Ewald's integer
+indices n with k = 2π n (cell⁻¹)ᵀ from the strained cell (any batch, summed densely
+over the batch's (k, atom) pairs, masked to each structure), PME's mesh as the shape
+of an input (one periodic structure per call), the direct-sum pairs, and torch-pme's
+self, background and slab terms, batched. Its numbers are torch-pme's
+(tests/test_compile_long_range.py).
 """
 
 import math
@@ -84,11 +94,10 @@ TRANSFER_WIDTH = 0.5  # Å, the width of the charge-transfer switch s
 # outside its graph by `export_inputs` and passed in ``graph.properties``
 KVECTORS = "long_range_kvectors"  # (K, 3) float: integer reciprocal indices n
 KVECTOR_STRUCTURE = "long_range_kvector_structure"  # (K,) int64: n's structure
-KSPACE_PAIRS = "long_range_kspace_pairs"  # (2, P) int64: (k, atom) of one structure
 DIRECT_PAIRS = "long_range_direct_pairs"  # (2, D) int64: pairs, non-periodic
 DIRECT_MASK = "long_range_direct_mask"  # (D,) float: 1, or 0 for the padding pair
 MESH = "long_range_mesh"  # (n_x, n_y, n_z), values unused: PME's mesh, as a shape
-EWALD_INPUTS = (KVECTORS, KVECTOR_STRUCTURE, KSPACE_PAIRS, DIRECT_PAIRS, DIRECT_MASK)
+EWALD_INPUTS = (KVECTORS, KVECTOR_STRUCTURE, DIRECT_PAIRS, DIRECT_MASK)
 PME_INPUTS = (MESH, DIRECT_PAIRS, DIRECT_MASK)
 
 
@@ -342,7 +351,6 @@ class LongRangeElectrostatics(nn.Module):
         """(N,) Σ_k G(k) Re[e^{-ik·r_i} Σ_j q_j e^{ik·r_j}] over each periodic
         structure's k-vectors (torch-pme's Ewald sum before 1/V)."""
         inputs, positions = graph.properties, graph.positions
-        num_atoms = positions.shape[0]
         n, k_structure = inputs[KVECTORS], inputs[KVECTOR_STRUCTURE]
         eye = torch.eye(3, dtype=positions.dtype, device=positions.device)
         k_cells = torch.where(
@@ -351,17 +359,16 @@ class LongRangeElectrostatics(nn.Module):
         reciprocal, _ = _reciprocal_cells(k_cells)  # (K, 3, 3)
         kvectors = torch.bmm(n.unsqueeze(1), reciprocal).squeeze(1)
         kernel_k = self._kernel_from_k_sq((kvectors * kvectors).sum(-1))  # (K,)
-        k_of, atom_of = inputs[KSPACE_PAIRS][0], inputs[KSPACE_PAIRS][1]
-        phases = (kvectors[k_of] * positions[atom_of]).sum(-1)  # (P,)
-        cosines, sines = torch.cos(phases), torch.sin(phases)
-        num_k = n.shape[0]
-        cos_sum = scatter_sum(charges[atom_of] * cosines, k_of, num_k)
-        sin_sum = scatter_sum(charges[atom_of] * sines, k_of, num_k)
-        return scatter_sum(
-            kernel_k[k_of] * (cos_sum[k_of] * cosines + sin_sum[k_of] * sines),
-            atom_of,
-            num_atoms,
-        )
+        # every (k, atom) pair of the batch, masked to those of one structure: dense
+        # products and sums like torch-pme's (a formulation with scatters over
+        # (k, atom) pair lists came out wrong from AOTInductor, torch 2.13 CPU)
+        same = (k_structure[:, None] == graph.structure_index[None, :]).to(
+            positions.dtype
+        )  # (K, N)
+        phases = kvectors @ positions.T  # (K, N)
+        cosines, sines = torch.cos(phases) * same, torch.sin(phases) * same
+        cos_sum, sin_sum = cosines @ charges, sines @ charges  # (K,)
+        return ((kernel_k * cos_sum) @ cosines) + ((kernel_k * sin_sum) @ sines)
 
     @torch.jit.unused
     def _pme_kspace(
@@ -497,14 +504,6 @@ def _reciprocal_cells(cells: Tensor) -> Tuple[Tensor, Tensor]:
     return (2.0 * math.pi) * crosses / volumes[..., None, None], volumes
 
 
-PME_EXPORT_ERROR = (
-    "AOTInductor cannot compile long-range models with particle-mesh Ewald "
-    "(use_ewald: false) yet: the PME mesh's size depends on the cell's values, and "
-    "its FFTs would have to take it as a dynamic shape; set long_range.use_ewald: "
-    "true for a .pt2 package, or compile to TorchScript (.pt)"
-)
-
-
 def export_input_names(spec: Dict[str, Union[str, float]]) -> List[str]:
     """The keys `export_inputs` returns for ``spec``, in the compiled order."""
     return list(EWALD_INPUTS if spec["method"] == "ewald" else PME_INPUTS)
@@ -520,7 +519,7 @@ def export_inputs(
     k-vector set, the integer indices
     n of the full n_x × n_y × n_z grid, n_a = ⌈|a| / λ⌉ for cell vector a and
     wavelength λ = ``kspace_resolution``, in torch-pme's order (k = 0 included; its
-    kernel is 0), with every (k, atom) pair of the structure; per non-periodic
+    kernel is 0) and their structure; per non-periodic
     structure every atom pair once. Each list gets one inert padding entry when it
     would be empty, since the compiled graph takes no size-0 inputs.
 
@@ -539,9 +538,8 @@ def export_inputs(
     k_cutoff = 2 * torch.pi / kspace_resolution
     indices: List[Tensor] = []
     k_structures: List[Tensor] = []
-    kspace_pairs: List[Tensor] = []
     direct_pairs: List[Tensor] = []
-    start = num_k = 0
+    start = 0
     for s, count in enumerate(counts):
         if not periodic[s]:
             direct_pairs.append(
@@ -573,21 +571,11 @@ def export_inputs(
         size = grid.shape[0]
         indices.append(grid.to(graph.positions.dtype))
         k_structures.append(torch.full((size,), s, dtype=torch.long, device=device))
-        kspace_pairs.append(
-            torch.stack(
-                [
-                    torch.arange(size, device=device).repeat_interleave(count) + num_k,
-                    torch.arange(count, device=device).repeat(size) + start,
-                ]
-            )
-        )
-        num_k += size
         start += count
     dtype = graph.positions.dtype
     if not indices:  # k = 0 of structure 0: its kernel is 0
         indices.append(torch.zeros((1, 3), dtype=dtype, device=device))
         k_structures.append(torch.zeros(1, dtype=torch.long, device=device))
-        kspace_pairs.append(torch.zeros((2, 1), dtype=torch.long, device=device))
     pairs = torch.cat(direct_pairs, dim=1) if direct_pairs else None
     if pairs is None or pairs.shape[1] == 0:
         pairs = torch.zeros((2, 1), dtype=torch.long, device=device)
@@ -601,7 +589,6 @@ def export_inputs(
     return {
         KVECTORS: torch.cat(indices),
         KVECTOR_STRUCTURE: torch.cat(k_structures),
-        KSPACE_PAIRS: torch.cat(kspace_pairs, dim=1),
         DIRECT_PAIRS: pairs,
         DIRECT_MASK: mask,
     }
