@@ -10,8 +10,9 @@ dynamic numbers of atoms, edges and structures, and compiled to a shared library
 a ``.pt2`` package, which also holds the eager model's weights (the load-time check
 and the fallback). Long-range models take their cell-dependent integer data (Ewald's
 k-vector indices, PME's mesh shape, direct-sum pairs) as further inputs, computed
-by the package's wrapper (`pes_calc.nn.long_range.export_inputs`). Compiling takes minutes, so packages are cached by (weights,
-torch version, device, dtype, CPU threads, pes_calc's source) in
+by the package's wrapper (`pes_calc.nn.long_range.export_inputs`). Compiling takes
+minutes, so packages are cached by (weights, torch version, device, dtype, CPU
+threads, pes_calc's source) in
 ``$PES_CALC_CACHE_DIR`` (default ``~/.cache/pes_calc``).
 """
 
