@@ -34,9 +34,14 @@ from torch._inductor.cpu_vec_isa import pick_vec_isa, x86_isa_checker
 
 from pes_calc import keys
 from pes_calc.archive import check_archive
-from pes_calc.graph import AtomicGraph, batch_graphs, graph_to
+from pes_calc.graph import AtomicGraph, batch_graphs, graph_to, select_structures
 from pes_calc.io import FORMAT_VERSION, ModelFileError, load_model, read_metadata
 from pes_calc.neighbors import atoms_to_graph
+from pes_calc.nn.long_range import (
+    LongRangeElectrostatics,
+    export_input_names,
+    export_inputs,
+)
 
 __all__ = [
     "AOTInductorPotential",
@@ -65,6 +70,8 @@ COMPILED_OUTPUTS = (
     keys.ENERGIES_UNCERTAINTY,
     keys.ENERGY_ENSEMBLE,
 )
+# compiled outputs with one row per atom (the others: one per structure)
+PER_ATOM_OUTPUTS = (keys.ENERGIES, keys.FORCES, keys.ENERGIES_UNCERTAINTY)
 # architecture → modules to import before running it (custom ops + their autograd)
 REQUIRED_IMPORTS: dict[str, list[str]] = {
     "soap_bpnn": ["sphericart.torch"],
@@ -73,9 +80,14 @@ REQUIRED_IMPORTS: dict[str, list[str]] = {
 }
 
 
-def flat_inputs(graph: AtomicGraph) -> tuple[Tensor, ...]:
-    """The graph's tensors in the order a compiled graph takes them."""
-    return (
+def flat_inputs(
+    graph: AtomicGraph, long_range: dict[str, Any] | None = None
+) -> tuple[Tensor, ...]:
+    """The graph's tensors in the order a compiled graph takes them; with
+    ``long_range`` (a package's ``long_range_inputs`` metadata) also the
+    cell-dependent data of its Ewald or PME sum: k-vector indices, the PME mesh
+    shape, pairs (`pes_calc.nn.long_range.export_inputs`)."""
+    tensors = (
         graph.positions,
         graph.cell,
         graph.pbc,
@@ -84,6 +96,18 @@ def flat_inputs(graph: AtomicGraph) -> tuple[Tensor, ...]:
         graph.edge_cell_shifts,
         graph.structure_index,
     )
+    if long_range is None:
+        return tensors
+    extra = export_inputs(graph, long_range)
+    return tensors + tuple(extra[name] for name in export_input_names(long_range))
+
+
+def long_range_module(model: Any) -> LongRangeElectrostatics | None:
+    """The model's long-range electrostatics, if it has one."""
+    for module in model.modules():
+        if isinstance(module, LongRangeElectrostatics):
+            return module
+    return None
 
 
 def example_graph(
@@ -92,7 +116,9 @@ def example_graph(
     """Two small periodic structures holding every species, with edges.
 
     The tracing and the load-time check run on it. Two structures of more than
-    one atom each, because export specialises sizes 0 and 1 to constants.
+    one atom each, because export specialises sizes 0 and 1 to constants. A
+    long-range model also gets a non-periodic cluster (its direct sum) and a slab
+    (the 2D correction), so that every sum is traced and checked.
     """
     cutoff = float(model.cutoff)
     generator = np.random.default_rng(0)
@@ -107,6 +133,19 @@ def example_graph(
             symbols, positions=positions, cell=np.eye(3) * spacing * repeats, pbc=True
         )
         structures.append(atoms_to_graph(atoms, model.species, cutoff, dtype=dtype))
+    if long_range_module(model) is not None:
+        spacing = 0.45 * cutoff
+        cluster = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0.5]]
+        slab = [[0, 0, 0], [1, 0, 0.2], [0, 1, 0.4], [1, 1, 0.1], [0.5, 0.5, 1]]
+        for points, pbc in ((cluster, False), (slab, (True, True, False))):
+            positions = spacing * (
+                np.array(points) + 0.1 * generator.standard_normal((5, 3))
+            )
+            symbols = [model.species[k % len(model.species)] for k in range(5)]
+            # the slab: 2 × 2 spacings in plane, 2 spacings of vacuum above it
+            cell = np.diag([2.0, 2.0, 4.0]) * spacing if pbc else None
+            atoms = ase.Atoms(symbols, positions=positions, cell=cell, pbc=pbc)
+            structures.append(atoms_to_graph(atoms, model.species, cutoff, dtype=dtype))
     return graph_to(batch_graphs(structures), torch.device(device), dtype)
 
 
@@ -126,9 +165,11 @@ class AOTInductorPotential(torch.nn.Module):
         output_names: list[str],
         dtype: torch.dtype,
         device: str | torch.device,
+        long_range: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.compiled = compiled
+        self.long_range = long_range
         self.eager = eager
         self.output_names = output_names
         self.ensemble_forces = False
@@ -157,12 +198,42 @@ class AOTInductorPotential(torch.nn.Module):
             if hasattr(self.eager, "ensemble_forces"):
                 self.eager.ensemble_forces = self.ensemble_forces
             return self.eager(graph, compute_forces, compute_stress)
-        values = self.compiled(*flat_inputs(graph))
-        outputs = dict(zip(self.output_names, values, strict=True))
+        if self.long_range is not None and self.long_range["method"] == "pme":
+            outputs = self._per_periodic_structure(graph)
+        else:
+            outputs = self._compiled(graph)
         if not compute_forces:
             outputs.pop(keys.FORCES, None)
         if not compute_stress:
             outputs.pop(keys.STRESS, None)
+        return outputs
+
+    def _compiled(self, graph: AtomicGraph) -> dict[str, Tensor]:
+        values = self.compiled(*flat_inputs(graph, self.long_range))
+        return dict(zip(self.output_names, values, strict=True))
+
+    def _per_periodic_structure(self, graph: AtomicGraph) -> dict[str, Tensor]:
+        """A PME package sums one mesh (one periodic structure) per call: a batch
+        with more runs one call per periodic structure (non-periodic structures go
+        with the first) and is put back together."""
+        periodic: list[bool] = graph.pbc.any(dim=1).tolist()
+        groups = [[s] for s, p in enumerate(periodic) if p]
+        if len(groups) <= 1:
+            return self._compiled(graph)
+        groups[0] = sorted(groups[0] + [s for s, p in enumerate(periodic) if not p])
+        num_atoms, num_structures = graph.positions.shape[0], len(periodic)
+        outputs: dict[str, Tensor] = {}
+        for group in groups:
+            chosen = torch.zeros(num_structures, dtype=torch.bool)
+            chosen[group] = True
+            chosen = chosen.to(graph.cell.device)
+            atoms = chosen[graph.structure_index]
+            for name, value in self._compiled(select_structures(graph, group)).items():
+                rows = atoms if name in PER_ATOM_OUTPUTS else chosen
+                if name not in outputs:
+                    size = num_atoms if name in PER_ATOM_OUTPUTS else num_structures
+                    outputs[name] = value.new_zeros((size, *value.shape[1:]))
+                outputs[name][rows] = value
         return outputs
 
 
@@ -201,7 +272,12 @@ def _load_aotinductor(
     try:
         compiled = torch._inductor.aoti_load_package(str(path))
         loaded = AOTInductorPotential(
-            compiled, eager, metadata["compiled_outputs"], dtype, device
+            compiled,
+            eager,
+            metadata["compiled_outputs"],
+            dtype,
+            device,
+            metadata.get("long_range_inputs"),
         )
         _check_against_eager(loaded, eager, dtype, device)
     except Exception as error:  # any failure of compiled code: eager still works

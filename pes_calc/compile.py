@@ -8,8 +8,11 @@ AOTInductor: the energy and its backward pass are traced together into one graph
 (``make_fx``; ``torch.export`` cannot trace ``autograd.grad`` itself), exported with
 dynamic numbers of atoms, edges and structures, and compiled to a shared library in
 a ``.pt2`` package, which also holds the eager model's weights (the load-time check
-and the fallback). Compiling takes minutes, so packages are cached by (weights,
-torch version, device, dtype, CPU threads, pes_calc's source) in
+and the fallback). Long-range models take their cell-dependent integer data (Ewald's
+k-vector indices, PME's mesh shape, direct-sum pairs) as further inputs, computed
+by the package's wrapper (`pes_calc.nn.long_range.export_inputs`). Compiling takes
+minutes, so packages are cached by (weights, torch version, device, dtype, CPU
+threads, pes_calc's source) in
 ``$PES_CALC_CACHE_DIR`` (default ``~/.cache/pes_calc``).
 """
 
@@ -31,6 +34,7 @@ import torch
 from e3nn.util.jit import script
 from torch import Tensor
 from torch.export import Dim
+from torch.fx.experimental import _config as fx_config
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from pes_calc.archive import seal
@@ -42,9 +46,10 @@ from pes_calc.artefacts import (
     compiled_cpu_features,
     example_graph,
     flat_inputs,
+    long_range_module,
 )
 from pes_calc.choices import as_device, as_dtype
-from pes_calc.graph import AtomicGraph
+from pes_calc.graph import AtomicGraph, select_structures
 from pes_calc.io import (
     FORMAT_TAG,
     FORMAT_VERSION,
@@ -53,6 +58,7 @@ from pes_calc.io import (
     save_model,
 )
 from pes_calc.llpr import LLPR
+from pes_calc.nn.long_range import MESH, export_input_names
 from pes_calc.potential import Potential
 
 MODES = ("torchscript", "aotinductor")
@@ -144,13 +150,6 @@ def compile_model(
         sealed=True,  # `seal` appends the archive's SHA-256 once it is written
     )
     if mode == "aotinductor":
-        if metadata["model"].get("long_range", {}).get("enable"):
-            # k-vectors and PME mesh sizes depend on the cell's values: export
-            # stops at these data-dependent shapes
-            raise NotImplementedError(
-                "AOTInductor cannot compile long-range (Ewald/PME) models yet; "
-                "use --mode torchscript"
-            )
         _compile_aotinductor(model, Path(path), metadata)
         return
     # e3nn's script recursively traces the submodules it marks "trace" (its gate
@@ -167,14 +166,22 @@ def compile_model(
 
 class _FlatInputs(torch.nn.Module):
     """The model called on the graph's tensors, returning a tuple: the calling
-    convention of an exported program. Properties (no labels) stay empty."""
+    convention of an exported program. Properties (no labels) stay empty, or hold
+    the ``extra_names`` inputs after the graph's (a long-range model's k-vector
+    indices and pairs, `pes_calc.nn.long_range.export_inputs`)."""
 
-    def __init__(self, model: torch.nn.Module, output_names: Sequence[str]):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        output_names: Sequence[str],
+        extra_names: Sequence[str] = (),
+    ):
         super().__init__()
         self.model = model
         self.output_names = list(output_names)
+        self.extra_names = list(extra_names)
 
-    def forward(
+    def graph(
         self,
         positions: Tensor,
         cell: Tensor,
@@ -183,8 +190,10 @@ class _FlatInputs(torch.nn.Module):
         edge_index: Tensor,
         edge_cell_shifts: Tensor,
         structure_index: Tensor,
-    ) -> tuple[Tensor, ...]:
-        graph = AtomicGraph(
+        *extra: Tensor,
+    ) -> AtomicGraph:
+        """The `AtomicGraph` of `forward`'s inputs."""
+        return AtomicGraph(
             positions,
             cell,
             pbc,
@@ -192,9 +201,11 @@ class _FlatInputs(torch.nn.Module):
             edge_index,
             edge_cell_shifts,
             structure_index,
-            {},
+            dict(zip(self.extra_names, extra, strict=True)),
         )
-        outputs = self.model(graph, True, True)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, ...]:
+        outputs = self.model(self.graph(*inputs), True, True)
         return tuple(outputs[name] for name in self.output_names)
 
 
@@ -216,15 +227,30 @@ def _compile_aotinductor(model: Any, path: Path, metadata: dict[str, Any]) -> No
         if callable(prepare):
             prepare()
     graph = example_graph(model, dtype, device)
-    names = [name for name in COMPILED_OUTPUTS if name in model(graph, True, True)]
-    metadata["compiled_outputs"] = names
+    long_range = long_range_module(model)
+    extra_names: list[str] = []
+    if long_range is not None:
+        # the Ewald sum's cell-dependent integer data: computed outside the graph
+        metadata["long_range_inputs"] = spec = long_range.export_spec()
+        extra_names = export_input_names(spec)
+        if spec["method"] == "pme":
+            # one mesh per call: trace on one periodic structure and the rest
+            periodic: list[bool] = graph.pbc.any(dim=1).tolist()
+            first = periodic.index(True)
+            keep = [s for s, p in enumerate(periodic) if not p or s == first]
+            graph = select_structures(graph, keep)
+    flat = _FlatInputs(model, [], extra_names)
+    args = flat_inputs(graph, metadata.get("long_range_inputs"))
+    example = model(flat.graph(*args), True, True)
+    names = [name for name in COMPILED_OUTPUTS if name in example]
+    metadata["compiled_outputs"] = flat.output_names = names
     cached = _cache_dir() / f"{_cache_key(model, metadata)}.pt2"
     with tempfile.TemporaryDirectory() as scratch:
         if not cached.exists():
             weights = Path(scratch) / WEIGHTS_FILE
             save_model(model, weights)
             package = Path(scratch) / "model.pt2"
-            _export_and_compile(_FlatInputs(model, names), graph, package)
+            _export_and_compile(flat, args, package)
             with zipfile.ZipFile(package, "a") as archive:
                 root = archive.namelist()[0].split("/")[0]
                 archive.writestr(f"{root}/extra/{METADATA_FILE}", json.dumps(metadata))
@@ -239,15 +265,15 @@ def _compile_aotinductor(model: Any, path: Path, metadata: dict[str, Any]) -> No
     shutil.copyfile(cached, path)
 
 
-def _export_and_compile(flat: _FlatInputs, graph: AtomicGraph, package: Path) -> None:
-
-    args = flat_inputs(graph)
-    # energy and its gradients in one graph: export cannot trace autograd.grad
-    traced = make_fx(flat, tracing_mode="symbolic", _allow_non_fake_inputs=True)(*args)
+def _export_and_compile(
+    flat: _FlatInputs, args: tuple[Tensor, ...], package: Path
+) -> None:
+    """Export ``flat`` on ``args`` (`flat_inputs`) with dynamic sizes and compile it
+    into the package ``package``."""
     atoms = Dim("num_atoms", min=1, max=2**31 - 2)
     edges = Dim("num_edges", min=1, max=2**31 - 2)
     structures = Dim("num_structures", min=1, max=2**31 - 2)
-    dynamic_shapes = (
+    dynamic_shapes: tuple[dict[int, Any], ...] = (
         {0: atoms},
         {0: structures},
         {0: structures},
@@ -256,10 +282,52 @@ def _export_and_compile(flat: _FlatInputs, graph: AtomicGraph, package: Path) ->
         {0: edges},
         {0: atoms},
     )
-    exported = torch.export.export(
-        traced, args, dynamic_shapes=dynamic_shapes, strict=False
-    )
-    with warnings.catch_warnings():
+    direct_pairs = Dim("num_direct_pairs", min=1, max=2**31 - 2)
+    if flat.extra_names and flat.extra_names[0] == MESH:
+        # PME: the mesh (powers of 2: rfftn's last axis must be even) and the
+        # direct-sum pairs
+        half_z = Dim("half_mesh_z", min=1, max=2**14)
+        dynamic_shapes += (
+            {
+                0: Dim("mesh_x", min=2, max=2**15),
+                1: Dim("mesh_y", min=2, max=2**15),
+                2: 2 * half_z,
+            },
+            {1: direct_pairs},
+            {0: direct_pairs},
+        )
+    elif flat.extra_names:
+        # Ewald: the k-vectors and the direct-sum pairs
+        kvectors = Dim("num_kvectors", min=1, max=2**31 - 2)
+        dynamic_shapes += (
+            {0: kvectors},
+            {0: kvectors},
+            {1: direct_pairs},
+            {0: direct_pairs},
+        )
+    sizes = {
+        str(dim): int(args[index].shape[axis])
+        for index, shape in enumerate(dynamic_shapes)
+        for axis, dim in shape.items()
+    }
+    if min(sizes.values()) < 2:  # export would make them constants
+        raise RuntimeError(f"the example graph's dynamic sizes must exceed 1: {sizes}")
+    # equal example sizes would otherwise share one symbol (a long-range model's
+    # k-vector and pair counts, PME's mesh axes may equal each other or the graph's)
+    with fx_config.patch(use_duck_shape=not flat.extra_names):  # type: ignore[attr-defined]
+        # energy and its gradients in one graph: export cannot trace autograd.grad
+        traced = make_fx(flat, tracing_mode="symbolic", _allow_non_fake_inputs=True)(
+            *args
+        )
+        exported = torch.export.export(
+            traced, args, dynamic_shapes=dynamic_shapes, strict=False
+        )
+    # long-range models: with inductor's default fusion (up to 64 nodes per
+    # kernel) their packages' stress came out wrong (torch 2.13, CPU: forces and
+    # energies right; found with charges that depend on the edges, with both the
+    # k-space and the slab terms); kernels of at most 2 nodes give eager's numbers
+    fusion = {"max_fusion_size": 2} if flat.extra_names else {}
+    with warnings.catch_warnings(), torch._inductor.config.patch(fusion):
         # inductor imports torch.utils.mkldnn, whose classes still use
         # torch.jit.script_method: torch's deprecation, not the user's TorchScript
         warnings.filterwarnings(

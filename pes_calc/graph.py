@@ -194,3 +194,26 @@ def iterate_batches(
     device = torch.device(device)
     for indices in order:
         yield graph_to(batch_graphs([graphs[i] for i in indices]), device, dtype)
+
+
+def select_structures(graph: AtomicGraph, structures: List[int]) -> AtomicGraph:
+    """The graph of some of ``graph``'s structures (ascending indices), renumbered;
+    labels (``properties``) are dropped."""
+    chosen = torch.zeros(
+        number_of_structures(graph), dtype=torch.bool, device=graph.cell.device
+    )
+    chosen[torch.tensor(structures, dtype=torch.long, device=chosen.device)] = True
+    atoms = chosen[graph.structure_index]
+    edges = atoms[graph.edge_index[0]]
+    new_atom = torch.cumsum(atoms.to(torch.long), 0) - 1
+    new_structure = torch.cumsum(chosen.to(torch.long), 0) - 1
+    return AtomicGraph(
+        positions=graph.positions[atoms],
+        cell=graph.cell[chosen],
+        pbc=graph.pbc[chosen],
+        species=graph.species[atoms],
+        edge_index=new_atom[graph.edge_index[:, edges]],
+        edge_cell_shifts=graph.edge_cell_shifts[edges],
+        structure_index=new_structure[graph.structure_index[atoms]],
+        properties={},
+    )

@@ -357,17 +357,6 @@ def test_cli_compile_picks_torchscript_from_the_name_or_mode(llpr, tmp_path):
         assert not (tmp_path / name).exists()
 
 
-def test_long_range_models_are_refused(tmp_path):
-    model = build_model(
-        "soap_bpnn",
-        ["Na", "Cl"],
-        soap={"max_angular": 2, "max_radial": 2},
-        long_range={"enable": True},
-    )
-    with pytest.raises(NotImplementedError, match="long-range"):
-        compile_model(model, tmp_path / "lr.pt2", mode="aotinductor")
-
-
 def test_package_records_its_threads_and_warns_when_run_with_others(package, llpr):
     threads = read_artefact_metadata(package)["cpu_threads"]
     assert threads == torch.get_num_threads()
