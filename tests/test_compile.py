@@ -10,6 +10,7 @@ must fall back to eager.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
@@ -305,6 +306,31 @@ def test_torchscript_deprecations_never_reach_the_other_paths(package, llpr, tmp
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().endswith("ok")
+
+
+LOADS_WITHOUT_A_COMPILER = """
+import shutil, sys
+assert shutil.which("g++") is None and shutil.which("cc") is None
+import ase.build
+from pes_calc import PESCalculator
+atoms = ase.build.bulk("Cu", "fcc", a=3.6, cubic=True)
+atoms.calc = PESCalculator(sys.argv[1], device="cpu")
+atoms.get_forces()
+print(type(atoms.calc.model).__name__)
+"""
+
+
+def test_a_package_loads_and_runs_compiled_without_a_compiler(package):
+    """Moving a .pt2 to a machine without g++ keeps the compiled code."""
+    result = subprocess.run(
+        [sys.executable, "-c", LOADS_WITHOUT_A_COMPILER, str(package)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PATH": "/nonexistent", "CXX": "", "CC": ""},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "AOTInductorPotential"
 
 
 def test_unknown_mode(llpr, tmp_path):
