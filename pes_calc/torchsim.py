@@ -67,7 +67,7 @@ from pes_calc.neighbors import (
     neighbor_list_torch,
     species_indices,
 )
-from pes_calc.results import SMALLEST_VOLUME
+from pes_calc.results import SMALLEST_VOLUME, UNCERTAINTY_PROPERTIES
 
 try:
     from torch_sim.models.interface import ModelInterface
@@ -85,11 +85,7 @@ OUTPUTS = (
     keys.ENERGIES,
     keys.FORCES,
     keys.STRESS,
-    keys.ENERGY_UNCERTAINTY,
-    keys.ENERGIES_UNCERTAINTY,
-    keys.ENERGY_ENSEMBLE,
-    keys.FORCES_UNCERTAINTY,
-    keys.FORCES_ENSEMBLE,
+    *UNCERTAINTY_PROPERTIES,
 )
 
 
