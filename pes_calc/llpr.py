@@ -9,16 +9,25 @@ set and ς the regulariser (Bigi et al., Eq. 24):
 |---|---|---|
 | covariance | `covariance` | C = Σ_s (g_s / n_s)(g_s / n_s)ᵀ, training structures s |
 | factor | `inverse_cholesky` | L⁻¹, with C + ς² I = L Lᵀ (float64) |
-| per-structure σ_E | `energy_uncertainty` | α ‖L⁻¹ g_s‖, g_s = Σ_{i in s} g_i |
-| per-atom σ_i | `energies_uncertainty` | α ‖L⁻¹ g_i‖ |
+| per-structure σ_E | `energy_uncertainty` | √((wα‖L⁻¹g_s‖)² + a² mean_k (g_s·Δw_k)²) |
+| per-atom σ_i | `energies_uncertainty` | the same with g_i for g_s |
 | ensemble members | `ensemble_displacements` | Δw_k = α L⁻ᵀ z_k, z_k ~ N(0, I) |
 | ensemble energies | `energy_ensemble` | E + g_s · Δw_k |
 | ensemble forces | `forces_ensemble` | F - β ∂(g_s · Δw_k)/∂R |
 | σ of forces | `forces_uncertainty` | √(mean_k (F_k - F)²) |
 
-Each property is calibrated on its own: α on the validation energies, and the
-force factor β (`force_scale`) on the validation forces, so that the force α is
-α β. β = 1 leaves the members' forces as sampled (files written before β existed).
+g_s = Σ_{i in s} g_i, and Δw_k are centred (mean over k zero). Each property is
+calibrated on its own: the energies on the validation energies, and the force
+factor β (`force_scale`) on the validation forces, so that the force α is α β.
+β = 1 leaves the members' forces as sampled (files written before β existed).
+
+The energy σ has two sources (``llpr.energy_uncertainty`` in the file's settings):
+``analytic``, α ‖L⁻¹ g_s‖ (w = `analytic_energy_weight` = 1, a =
+`ensemble_energy_multiplier` = 0: metatrain's LLPR, and every file written before
+the choice existed), or ``ensemble``, a times the spread of the ensemble's
+energies (w = 0), which after ensemble training carries what the members learnt
+from the training forces and energies. `pes_calc.train.llpr` picks the one with
+the lower validation NLL.
 
 The covariance uses per-atom-normalised structure features, matching a loss on
 energy per atom; σ_E of the total energy is then α ‖L⁻¹ g_s‖ = n σ_{E/n}, so
@@ -78,6 +87,8 @@ class Float64State(nn.Module):
     multiplier: Tensor
     force_scale: Tensor
     regularizer: Tensor
+    analytic_energy_weight: Tensor
+    ensemble_energy_multiplier: Tensor
 
     def __init__(self, num_features: int, num_members: int):
         super().__init__()
@@ -89,16 +100,27 @@ class Float64State(nn.Module):
         self.register_buffer("multiplier", torch.ones((), dtype=f64))
         self.register_buffer("force_scale", torch.ones((), dtype=f64))
         self.register_buffer("regularizer", torch.zeros((), dtype=f64))
+        # energy σ: w α ‖L⁻¹ g‖ (analytic) and a × the ensemble's spread, in
+        # quadrature; (w, a) = (1, 0) is the analytic σ alone
+        self.register_buffer("analytic_energy_weight", torch.ones((), dtype=f64))
+        self.register_buffer("ensemble_energy_multiplier", torch.zeros((), dtype=f64))
         self.ensemble_displacements = nn.Parameter(
             torch.zeros(num_features, num_members, dtype=f64), requires_grad=False
         )
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001
         # files from before per-property calibration have no force factor: β = 1
-        # gives their forces exactly as before
-        state_dict.setdefault(
-            prefix + "force_scale", torch.ones((), dtype=torch.float64)
-        )
+        # gives their forces exactly as before; files from before the choice of
+        # energy σ have the analytic one, (w, a) = (1, 0), exactly as before
+        defaults = {
+            "force_scale": 1.0,
+            "analytic_energy_weight": 1.0,
+            "ensemble_energy_multiplier": 0.0,
+        }
+        for name, value in defaults.items():
+            state_dict.setdefault(
+                prefix + name, torch.full((), value, dtype=torch.float64)
+            )
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, recurse=True):  # noqa: ANN001 (torch's signature)
@@ -183,18 +205,26 @@ class LLPR(nn.Module):
 
         inverse = self.state.inverse_cholesky.to(torch.float64)
         alpha = self.state.multiplier.to(torch.float64)
+        alpha = alpha * self.state.analytic_energy_weight.to(torch.float64)
         atom_sigma = alpha * torch.linalg.vector_norm(
             atom_features.to(torch.float64) @ inverse.T, dim=-1
         )
         structure_sigma = alpha * torch.linalg.vector_norm(
             structure_features.to(torch.float64) @ inverse.T, dim=-1
         )
-        outputs[keys.ENERGIES_UNCERTAINTY] = atom_sigma.to(dtype)
-        outputs[keys.ENERGY_UNCERTAINTY] = structure_sigma.to(dtype)
         displacements = self.centred_displacements()
         if with_ensemble:
             shifts = structure_features.to(torch.float64) @ displacements  # (S, M)
             outputs[keys.ENERGY_ENSEMBLE] = energy.unsqueeze(-1) + shifts.to(dtype)
+            # hypot(x, 0) = |x| exactly: a = 0 leaves the analytic σ bit for bit
+            scale = self.state.ensemble_energy_multiplier.to(torch.float64)
+            atom_shifts = atom_features.to(torch.float64) @ displacements  # (N, M)
+            atom_sigma = torch.hypot(atom_sigma, scale * ensemble_spread(atom_shifts))
+            structure_sigma = torch.hypot(
+                structure_sigma, scale * ensemble_spread(shifts)
+            )
+        outputs[keys.ENERGIES_UNCERTAINTY] = atom_sigma.to(dtype)
+        outputs[keys.ENERGY_UNCERTAINTY] = structure_sigma.to(dtype)
 
         outputs = potential.add_derivatives(
             outputs,
@@ -231,6 +261,11 @@ class LLPR(nn.Module):
         jacobian = column_gradients(structure_features, positions, self.training)
         product = torch.einsum("fna,fm->mna", jacobian.to(torch.float64), displacements)
         return product.to(dtype)
+
+
+def ensemble_spread(shifts: Tensor) -> Tensor:
+    """(K,) √(mean_k shifts[:, k]²): the spread of centred members' values."""
+    return torch.sqrt(torch.mean(shifts * shifts, dim=1))
 
 
 def column_gradients(targets: Tensor, positions: Tensor, create_graph: bool) -> Tensor:

@@ -26,6 +26,25 @@ def test_info_text_shows_errors_epochs_statistics_and_integrity():
         assert expected in result.output, expected
 
 
+def test_info_text_shows_the_llpr_energy_sigma_it_stores():
+    from pes_calc.io import read_metadata
+
+    llpr = read_metadata(SHIPPED)["llpr"]
+    result = CliRunner().invoke(main, ["info", str(SHIPPED)])
+    assert result.exit_code == 0, result.output
+    source = llpr.get("energy_uncertainty", "analytic")
+    weight = 0 if source == "ensemble" else 1
+    assert (
+        f"energy σ       {source} (" in result.output
+        and f"α = {llpr['multiplier']:.4g}, w = {weight}, "
+        f"a = {llpr.get('energy_ensemble_multiplier', 0):.4g}\n"
+        in result.output
+    ), result.output
+    for name, value in (llpr.get("energy_validation_nll") or {}).items():
+        assert f"{name} {value:.4g}" in result.output
+    assert f"forces σ       α = {llpr['forces_multiplier']:.4g} (β = " in result.output
+
+
 def test_md_refuses_an_unwritable_output_before_loading(tmp_path):
     result = CliRunner().invoke(
         main,

@@ -839,7 +839,9 @@ def test_float32_model_keeps_float64_state(tmp_path):
     llpr64 = fitted("nequip")  # a well-conditioned C: float32 features change σ little
     llpr32 = copy.deepcopy(llpr64).to(torch.float32)
     state = dict(llpr32.state.named_buffers()) | dict(llpr32.state.named_parameters())
-    assert len(state) == 6  # 5 buffers (with force_scale) and the displacements
+    # 7 buffers (with force_scale and the two energy-σ weights) and the
+    # displacements
+    assert len(state) == 8
     for tensor_name, tensor in state.items():
         assert tensor.dtype == torch.float64, tensor_name
         assert torch.equal(tensor, getattr(llpr64.state, tensor_name))

@@ -174,19 +174,45 @@ def _echo_training(metadata: dict) -> None:
     llpr = metadata.get("llpr") or {}
     if llpr:
         members = (llpr.get("num_ensemble_members") or {}).get("energy", 0)
-        alpha = _number(llpr.get("multiplier"))
+        click.echo(
+            f"  {'LLPR':<14} {members} ensemble members, calibration "
+            f"{llpr.get('calibration_method')}"
+        )
+        click.echo(f"  {'energy σ':<14} {_energy_sigma(llpr)}")
+        scores = llpr.get("energy_validation_nll") or {}
+        if scores:
+            shown = ", ".join(f"{name} {_number(v)}" for name, v in scores.items())
+            click.echo(f"  {'energy σ NLL':<14} {shown} (validation; the lower wins)")
         forces = llpr.get("forces_multiplier")
         # files from before per-property calibration: forces use the energy α
         force_alpha = (
-            f"forces α = {_number(forces)} (β = {_number(llpr.get('force_scale'))})"
+            f"α = {_number(forces)} (β = {_number(llpr.get('force_scale'))})"
             if forces is not None
-            else "forces: the energy α"
+            else "the energy α"
         )
         click.echo(
-            f"  {'LLPR':<14} {members} ensemble members, calibration "
-            f"{llpr.get('calibration_method')}, energies α = {alpha}, "
-            + (force_alpha if members else "no force uncertainty")
+            f"  {'forces σ':<14} "
+            + (force_alpha if members else "none (no ensemble members)")
         )
+
+
+def _energy_sigma(llpr: dict) -> str:
+    """The energy σ's source and factors, √((w α ‖L⁻¹g‖)² + a² spread²), as the
+    file's settings record them: files from before the choice are analytic, with
+    (w, a) = (1, 0); the ensemble source has w = 0."""
+    source = llpr.get("energy_uncertainty") or "analytic"
+    weight = 0.0 if source == "ensemble" else 1.0
+    scale = llpr.get("energy_ensemble_multiplier", 0.0)
+    description = {
+        "analytic": "α ‖L⁻¹g‖",
+        "ensemble": "a × the members' spread",
+    }.get(source, "")
+    return (
+        source
+        + (f" ({description})" if description else "")
+        + f": α = {_number(llpr.get('multiplier'))}, w = {_number(weight)}, "
+        f"a = {_number(scale)}"
+    )
 
 
 def _number(value: object) -> str:

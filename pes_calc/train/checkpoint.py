@@ -94,12 +94,15 @@ def _comparable(config: dict[str, Any]) -> dict[str, Any]:
     """The parts of a config a resumed run must share with the checkpoint's: not
     num_epochs (more may be asked for), and file paths compared as absolute paths
     (so "data/x.xyz" and "/work/data/x.xyz" are the same run). A checkpoint
-    written before ``ema_decay`` existed is one of a run without it."""
+    written before ``ema_decay`` or ``energy_uncertainty`` existed is one of a run
+    with their defaults (off; auto)."""
     config = copy.deepcopy(config)
     training = config["architecture"]["training"]
     training.pop("num_epochs", None)
     if training.get("ema_decay") is None:
         training.pop("ema_decay", None)
+    if training.get("energy_uncertainty", "auto") == "auto":
+        training.pop("energy_uncertainty", None)
     for section, names in (
         (config.get("data", {}), ("train", "val", "test")),
         (training, ("model_checkpoint",)),

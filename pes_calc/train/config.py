@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pes_calc.config import ConfigError, check_keys, load_yaml, with_defaults
-from pes_calc.train.llpr import CALIBRATION_METHODS
+from pes_calc.train.llpr import CALIBRATION_METHODS, ENERGY_UNCERTAINTIES
 
 __all__ = [
     "BEST_MODEL_METRICS",
@@ -66,6 +66,9 @@ LLPR_TRAINING_DEFAULTS: dict[str, Any] = {
     "batch_size": 8,
     "regularizer": None,
     "calibration_method": "absolute_residuals",
+    # the energy σ after ensemble training: analytic α ‖L⁻¹ g_s‖, a × the trained
+    # members' spread, or auto (the lower validation NLL)
+    "energy_uncertainty": "auto",
     "loss": "ensemble_nll",
     "num_epochs": None,
     "train_all_parameters": False,
@@ -203,4 +206,20 @@ def _llpr_model_section(
             f"unknown calibration_method {training['calibration_method']!r}; choose "
             f"from {', '.join(CALIBRATION_METHODS)}"
         )
+    _check_energy_uncertainty(training["energy_uncertainty"], training["num_epochs"])
     return {"num_ensemble_members": {"energy": count}}
+
+
+def _check_energy_uncertainty(source: Any, num_epochs: int | None) -> None:
+    """``energy_uncertainty``: auto, analytic or ensemble; the ensemble's spread is
+    a choice only once the ensemble is trained (num_epochs set)."""
+    choices = ("auto", *ENERGY_UNCERTAINTIES)
+    if source not in choices:
+        raise TrainingConfigError(
+            f"unknown energy_uncertainty {source!r}; choose from {', '.join(choices)}"
+        )
+    if source == "ensemble" and num_epochs is None:
+        raise TrainingConfigError(
+            "energy_uncertainty: ensemble needs ensemble training (num_epochs set); "
+            "without it the energy σ is the analytic one"
+        )

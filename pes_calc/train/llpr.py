@@ -1,5 +1,10 @@
 """Fitting an `LLPR` wrapper: covariance, factorisation, calibration (α on
-energies, β on forces) and the sampled ensemble.
+energies, β on forces), the sampled ensemble, and the choice of energy σ.
+
+After ensemble training (`recalibrate_forces`, which the trainer calls then) the
+energy σ is chosen between the analytic α ‖L⁻¹ g_s‖ and a times the trained
+ensemble's spread, each calibrated on the validation energies with the run's
+calibration method, by the lower validation NLL (`select_energy_uncertainty`).
 
 Each fit runs once after training, one pass over its data set (no derivatives
 except in `linearise`); `wrap` runs them in order. The runtime model (`LLPR`,
@@ -22,14 +27,16 @@ from pes_calc.graph import (
     iterate_batches,
     sum_per_structure,
 )
-from pes_calc.llpr import LLPR
+from pes_calc.llpr import LLPR, ensemble_spread
 from pes_calc.potential import Potential
 
 __all__ = [
     "CALIBRATION_METHODS",
+    "ENERGY_UNCERTAINTIES",
     "FACTOR_TOLERANCE",
     "SMALLEST_REGULARIZER",
     "calibrate",
+    "calibrate_energy_ensemble",
     "calibrate_forces",
     "calibration_factor",
     "factorise",
@@ -39,10 +46,14 @@ __all__ = [
     "raw_force_errors",
     "recalibrate_forces",
     "sample_ensemble",
+    "select_energy_uncertainty",
     "wrap",
 ]
 
 CALIBRATION_METHODS = ("absolute_residuals", "squared_residuals", "crps")
+# where the energy σ comes from (``llpr.energy_uncertainty``): α ‖L⁻¹ g_s‖, or a
+# times the ensemble's spread; "auto" picks by the validation NLL
+ENERGY_UNCERTAINTIES = ("analytic", "ensemble")
 # ς for regularizer: null starts here and grows ×10 until the factor is accurate
 SMALLEST_REGULARIZER = 1e-20
 # max |L⁻¹ (C + ς²I) L⁻ᵀ - I| accepted: with ς² below the rounding level of C,
@@ -136,20 +147,30 @@ def raw_energy_errors(
     graphs: Sequence[AtomicGraph],
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    source: str = "analytic",
 ) -> tuple[Tensor, Tensor]:
     """(residuals E_pred - E_ref, uncalibrated σ_E) over structures with an energy
-    label, in float64 eV."""
+    label, in float64 eV. ``source`` "analytic": σ_E = ‖L⁻¹ g_s‖ (what α scales);
+    "ensemble": the spread √(mean_k (g_s · Δw_k)²) of the centred members' energies
+    (what a scales)."""
+    _check_source(source)
+    if source == "ensemble" and llpr.num_ensemble_members == 0:
+        raise ValueError("an ensemble energy σ needs ensemble members")
     device = torch.device(device)
     dtype = _model_dtype(llpr)
     residuals, sigmas = [], []
+    displacements = llpr.centred_displacements().detach()
     with torch.no_grad():
         for batch in _batches(graphs, batch_size, device, dtype):
             if keys.ENERGY not in batch.properties:
                 continue
             energy, per_structure = _energy_and_structure_features(llpr, batch)
-            sigma = torch.linalg.vector_norm(
-                per_structure @ llpr.state.inverse_cholesky.T, dim=-1
-            )
+            if source == "analytic":
+                sigma = torch.linalg.vector_norm(
+                    per_structure @ llpr.state.inverse_cholesky.T, dim=-1
+                )
+            else:
+                sigma = ensemble_spread(per_structure @ displacements)
             residual = energy.double() - batch.properties[keys.ENERGY].double()
             labelled = torch.isfinite(residual)
             residuals.append(residual[labelled].cpu())
@@ -219,11 +240,103 @@ def calibrate(
     batch_size: int = 8,
     device: torch.device | str = "cpu",
 ) -> float:
-    """Fit α on ``graphs`` (the validation set) and store it; returns α."""
+    """Fit α on ``graphs`` (the validation set) and store it, with the analytic
+    energy σ α ‖L⁻¹ g_s‖ (w = 1, a = 0); returns α."""
     residuals, sigmas = raw_energy_errors(llpr, graphs, batch_size, device)
     alpha = calibration_factor(residuals, sigmas, method)
     llpr.state.multiplier.fill_(alpha)
+    llpr.state.analytic_energy_weight.fill_(1.0)
+    llpr.state.ensemble_energy_multiplier.fill_(0.0)
     return alpha
+
+
+def calibrate_energy_ensemble(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    method: str = "absolute_residuals",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+) -> float:
+    """Fit a on ``graphs`` (the validation set) for the ensemble energy σ, a
+    times the members' spread, and store it (w = 0, α kept for the ensemble's
+    sampling); returns a."""
+    residuals, sigmas = raw_energy_errors(llpr, graphs, batch_size, device, "ensemble")
+    usable = sigmas > 0
+    if not bool(usable.any()):
+        raise ValueError("the ensemble's energies do not spread on these structures")
+    scale = calibration_factor(residuals[usable], sigmas[usable], method)
+    llpr.state.analytic_energy_weight.fill_(0.0)
+    llpr.state.ensemble_energy_multiplier.fill_(scale)
+    return scale
+
+
+def gaussian_nll(residuals: Tensor, sigmas: Tensor) -> float:
+    """Mean Gaussian NLL ½ (log(2π σ²) + r²/σ²) (nats for residuals in eV)."""
+    residuals, sigmas = residuals.double(), sigmas.double()
+    return float(
+        torch.mean(
+            0.5 * (torch.log(2 * math.pi * sigmas**2) + (residuals / sigmas) ** 2)
+        )
+    )
+
+
+def select_energy_uncertainty(
+    llpr: LLPR,
+    graphs: Sequence[AtomicGraph],
+    method: str = "absolute_residuals",
+    batch_size: int = 8,
+    device: torch.device | str = "cpu",
+    source: str = "auto",
+) -> str:
+    """Calibrate the energy σ on ``graphs`` (the validation set) from ``source``
+    ("analytic", "ensemble", or "auto": the one whose calibrated σ has the lower
+    mean Gaussian NLL on ``graphs``; analytic without members or on a tie), each
+    fitted with ``method``. Recorded in ``llpr.config["llpr"]``:
+    ``energy_uncertainty``, ``multiplier``, ``energy_ensemble_multiplier`` (a) and,
+    when both were scored, ``energy_validation_nll``. Returns the source used."""
+    if source != "auto":
+        _check_source(source)
+    candidates = [s for s in ENERGY_UNCERTAINTIES if source in ("auto", s)]
+    if llpr.num_ensemble_members == 0:
+        if source == "ensemble":
+            raise ValueError("an ensemble energy σ needs ensemble members")
+        candidates = ["analytic"]
+    scores: dict[str, float] = {}
+    for candidate in candidates:
+        residuals, sigmas = raw_energy_errors(
+            llpr, graphs, batch_size, device, candidate
+        )
+        usable = sigmas > 0
+        if not bool(usable.any()):
+            continue
+        factor = calibration_factor(residuals[usable], sigmas[usable], method)
+        # a structure the members cannot move would have σ = 0: infinitely bad
+        scores[candidate] = (
+            gaussian_nll(residuals, factor * sigmas) if bool(usable.all()) else math.inf
+        )
+    if not scores:
+        raise ValueError("no energy σ can be calibrated on these structures")
+    chosen = min(scores, key=lambda name: (scores[name], name != "analytic"))
+    settings = llpr.config.setdefault("llpr", {})
+    if chosen == "analytic":
+        settings["multiplier"] = calibrate(llpr, graphs, method, batch_size, device)
+    else:
+        calibrate_energy_ensemble(llpr, graphs, method, batch_size, device)
+    settings["energy_uncertainty"] = chosen
+    settings["energy_ensemble_multiplier"] = float(
+        llpr.state.ensemble_energy_multiplier
+    )
+    if len(scores) > 1:
+        settings["energy_validation_nll"] = scores
+    return chosen
+
+
+def _check_source(source: str) -> None:
+    if source not in ENERGY_UNCERTAINTIES:
+        raise ValueError(
+            f"unknown energy_uncertainty {source!r}; choose from "
+            f"{ENERGY_UNCERTAINTIES} or 'auto'"
+        )
 
 
 def raw_force_errors(
@@ -289,6 +402,15 @@ def has_force_labels(graphs: Sequence[AtomicGraph]) -> bool:
     )
 
 
+def has_energy_labels(graphs: Sequence[AtomicGraph]) -> bool:
+    """Whether any of ``graphs`` has a finite energy label."""
+    return any(
+        keys.ENERGY in graph.properties
+        and bool(torch.isfinite(graph.properties[keys.ENERGY]).any())
+        for graph in graphs
+    )
+
+
 def sample_ensemble(llpr: LLPR, seed: int = 0) -> None:
     """Draw Δw_k = α L⁻ᵀ z_k for every member (float64, from ``seed``)."""
     state = llpr.state
@@ -329,7 +451,11 @@ def wrap(
         "calibration_method": calibration_method,
         "multiplier": alpha,
     }
-    recalibrate_forces(llpr, val_graphs, calibration_method, batch_size, device)
+    # the sampled members spread as the analytic σ does: the energy σ stays
+    # analytic until the ensemble is trained
+    recalibrate_forces(
+        llpr, val_graphs, calibration_method, batch_size, device, energies=None
+    )
     return llpr
 
 
@@ -339,12 +465,19 @@ def recalibrate_forces(
     method: str,
     batch_size: int = 8,
     device: torch.device | str = "cpu",
+    energies: str | None = "auto",
 ) -> None:
-    """`calibrate_forces` where it applies (members and force labels), recorded in
-    ``llpr.config["llpr"]`` as ``force_scale`` and the force α ``forces_multiplier``."""
+    """After the ensemble changed (the trainer calls this after ensemble
+    training): `calibrate_forces` where it applies (members and force labels),
+    recorded in ``llpr.config["llpr"]`` as ``force_scale`` and the force α
+    ``forces_multiplier``; and, unless ``energies`` is None, the energy σ's source
+    and factor by `select_energy_uncertainty` with that source ("auto": the lower
+    validation NLL)."""
+    settings = llpr.config.setdefault("llpr", {})
+    if energies is not None and has_energy_labels(graphs):
+        select_energy_uncertainty(llpr, graphs, method, batch_size, device, energies)
     if llpr.num_ensemble_members == 0 or not has_force_labels(graphs):
         return
     scale = calibrate_forces(llpr, graphs, method, batch_size, device)
-    settings = llpr.config.setdefault("llpr", {})
     settings["force_scale"] = scale
     settings["forces_multiplier"] = float(llpr.state.multiplier) * scale

@@ -93,8 +93,9 @@ class LLPRSetup(ModelSetup):
         self, model: nn.Module, data: TrainingData, device: torch.device
     ) -> bool:
         """After ensemble training, refit the force factor β on the trained
-        members; with all parameters trained the features moved too, so σ's
-        covariance and α are refitted first."""
+        members and the energy σ from ``energy_uncertainty`` (auto: analytic or
+        the members' spread, by the validation NLL); with all parameters trained
+        the features moved too, so σ's covariance and α are refitted first."""
         model.state.ensemble_displacements.requires_grad_(False)
         if not self.training["num_epochs"]:
             return False
@@ -108,6 +109,7 @@ class LLPRSetup(ModelSetup):
             self.training["calibration_method"],
             self.training["batch_size"],
             device,
+            energies=self.training["energy_uncertainty"],
         )
         return True
 

@@ -1,15 +1,18 @@
 """`pes-calc train` with architecture llpr: wrapping, calibration, ensemble NLL."""
 
+import json
 import math
 
 import ase.io
 import numpy as np
 import pytest
 import torch
+from click.testing import CliRunner
 from helpers import emt_structures
 
 from pes_calc import build_model, keys, save_model
 from pes_calc.calculator import PESCalculator
+from pes_calc.cli import main
 from pes_calc.io import load_model, read_metadata
 from pes_calc.train import TrainingConfigError, train
 from pes_calc.train.data import LabelKeys, load_graphs
@@ -127,6 +130,14 @@ def test_unknown_and_missing_llpr_settings_are_errors(data, tmp_path):
         train(llpr_config(data, members=0, num_epochs=2), tmp_path, progress=False)
     with pytest.raises(TrainingConfigError, match="calibration_method|unknown"):
         train(llpr_config(data, calibration_method="mad"), tmp_path, progress=False)
+    with pytest.raises(
+        TrainingConfigError, match="unknown energy_uncertainty 'both'; choose from"
+    ):
+        train(llpr_config(data, energy_uncertainty="both"), tmp_path, progress=False)
+    with pytest.raises(TrainingConfigError, match="ensemble needs ensemble training"):
+        train(
+            llpr_config(data, energy_uncertainty="ensemble"), tmp_path, progress=False
+        )
     config = llpr_config(data)
     config["architecture"]["training"]["model_checkpoint"] = str(data / "train.xyz")
     with pytest.raises(TrainingConfigError, match="model_checkpoint"):
@@ -259,3 +270,70 @@ def test_calibration_factor_is_used_by_the_trainer_methods(data, tmp_path):
     assert alpha == pytest.approx(
         float(np.sqrt(np.mean((residuals / sigmas).numpy() ** 2)))
     )
+
+
+@pytest.mark.parametrize(
+    "training",
+    [
+        {"energy_uncertainty": "analytic", "num_epochs": 2},
+        {"energy_uncertainty": "ensemble", "num_epochs": 2},
+        {},  # calibration only: analytic, no choice recorded (as older files)
+    ],
+    ids=["analytic", "ensemble", "calibration-only"],
+)
+def test_energy_uncertainty_setting_is_applied_and_shown_by_info(
+    data, tmp_path, training
+):
+    result = train(
+        llpr_config(data, learning_rate=0.05, **training), tmp_path, progress=False
+    )
+    model = load_model(result.model_path)
+    settings = read_metadata(result.model_path)["llpr"]
+    alpha = model.state.multiplier.item()
+    weight = model.state.analytic_energy_weight.item()
+    scale = model.state.ensemble_energy_multiplier.item()
+    source = training.get("energy_uncertainty")
+    assert settings.get("energy_uncertainty") == source
+    # a forced source is calibrated alone: no NLL comparison recorded
+    assert "energy_validation_nll" not in settings
+    if source == "ensemble":
+        assert weight == 0.0 and scale > 0.0
+        assert settings["energy_ensemble_multiplier"] == pytest.approx(scale)
+    else:  # the analytic σ alone, even after the ensemble trained: a = 0
+        assert (weight, scale) == (1.0, 0.0)
+        assert settings.get("energy_ensemble_multiplier", 0.0) == 0.0
+        assert settings["multiplier"] == pytest.approx(alpha)
+        # σ_E is α ‖L⁻¹ g_s‖ exactly, with α refitted on val
+        val = graphs(data, "val", model)
+        residuals, raw = raw_energy_errors(model, val)
+        expected = math.sqrt(math.pi / 2) * float(torch.mean(residuals.abs() / raw))
+        assert alpha == pytest.approx(expected, rel=1e-10)
+        sigma = torch.cat(
+            [model(graph, False, False)[keys.ENERGY_UNCERTAINTY] for graph in val]
+        )
+        torch.testing.assert_close(sigma.detach(), alpha * raw, rtol=1e-12, atol=0)
+
+    # pes-calc info prints the source, α, w, a and the force factor it stored
+    output = CliRunner().invoke(main, ["info", str(result.model_path)])
+    assert output.exit_code == 0, output.output
+    described = (
+        "ensemble (a × the members' spread)"
+        if source == "ensemble"
+        else "analytic (α ‖L⁻¹g‖)"
+    )
+    for expected in (
+        "LLPR           4 ensemble members, calibration absolute_residuals",
+        f"energy σ       {described}: α = {alpha:.4g}, w = {weight:.4g}, "
+        f"a = {scale:.4g}",
+        f"forces σ       α = {settings['forces_multiplier']:.4g} "
+        f"(β = {settings['force_scale']:.4g})",
+    ):
+        assert expected in output.output, (expected, output.output)
+    assert "energies α" not in output.output
+    assert "energy σ NLL" not in output.output
+    # --json holds the same figures
+    shown = CliRunner().invoke(main, ["info", "--json", str(result.model_path)])
+    stored = json.loads(shown.output)["llpr"]
+    assert stored["multiplier"] == pytest.approx(alpha)
+    assert stored.get("energy_uncertainty", "analytic") == (source or "analytic")
+    assert stored.get("energy_ensemble_multiplier", 0.0) == pytest.approx(scale)
