@@ -24,8 +24,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import ase
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,14 +32,15 @@ from torch._inductor.cpu_vec_isa import pick_vec_isa, x86_isa_checker
 
 from pes_calc import keys
 from pes_calc.archive import check_archive
-from pes_calc.graph import AtomicGraph, batch_graphs, graph_to, select_structures
-from pes_calc.io import FORMAT_VERSION, ModelFileError, load_model, read_metadata
-from pes_calc.neighbors import atoms_to_graph
-from pes_calc.nn.long_range import (
-    LongRangeElectrostatics,
-    export_input_names,
-    export_inputs,
+from pes_calc.compiled_graph import (
+    COMPILED_OUTPUTS,
+    PER_ATOM_OUTPUTS,
+    example_graph,
+    flat_inputs,
+    long_range_module,
 )
+from pes_calc.graph import AtomicGraph, select_structures
+from pes_calc.io import FORMAT_VERSION, ModelFileError, load_model, read_metadata
 
 __all__ = [
     "AOTInductorPotential",
@@ -55,98 +54,21 @@ __all__ = [
     "load_artefact",
     "missing_cpu_features",
     "read_artefact_metadata",
+    # defined in `pes_calc.compiled_graph`, still importable from here
+    "PER_ATOM_OUTPUTS",
+    "flat_inputs",
+    "long_range_module",
 ]
 
 METADATA_FILE = "pes_calc_metadata.json"
 # the eager model inside a .pt2 package: the load-time check and the fallback
 WEIGHTS_FILE = "pes_calc_model.safetensors"
-# outputs a compiled graph returns, in this order (those the model has)
-COMPILED_OUTPUTS = (
-    keys.ENERGY,
-    keys.ENERGIES,
-    keys.FORCES,
-    keys.STRESS,
-    keys.ENERGY_UNCERTAINTY,
-    keys.ENERGIES_UNCERTAINTY,
-    keys.ENERGY_ENSEMBLE,
-)
-# compiled outputs with one row per atom (the others: one per structure)
-PER_ATOM_OUTPUTS = (keys.ENERGIES, keys.FORCES, keys.ENERGIES_UNCERTAINTY)
 # architecture → modules to import before running it (custom ops + their autograd)
 REQUIRED_IMPORTS: dict[str, list[str]] = {
     "soap_bpnn": ["sphericart.torch"],
     "allegro": ["pes_calc.nn.gather"],
     "nequip": ["pes_calc.nn.tensor_product"],
 }
-
-
-def flat_inputs(
-    graph: AtomicGraph, long_range: dict[str, Any] | None = None
-) -> tuple[Tensor, ...]:
-    """The graph's tensors in the order a compiled graph takes them; with
-    ``long_range`` (a package's ``long_range_inputs`` metadata) also the
-    cell-dependent data of its Ewald or PME sum: k-vector indices, the PME mesh
-    shape, pairs (`pes_calc.nn.long_range.export_inputs`)."""
-    tensors = (
-        graph.positions,
-        graph.cell,
-        graph.pbc,
-        graph.species,
-        graph.edge_index,
-        graph.edge_cell_shifts,
-        graph.structure_index,
-    )
-    if long_range is None:
-        return tensors
-    extra = export_inputs(graph, long_range)
-    return tensors + tuple(extra[name] for name in export_input_names(long_range))
-
-
-def long_range_module(model: Any) -> LongRangeElectrostatics | None:
-    """The model's long-range electrostatics, if it has one."""
-    for module in model.modules():
-        if isinstance(module, LongRangeElectrostatics):
-            return module
-    return None
-
-
-def example_graph(
-    model: Any, dtype: torch.dtype, device: str | torch.device
-) -> AtomicGraph:
-    """Two small periodic structures holding every species, with edges.
-
-    The tracing and the load-time check run on it. Two structures of more than
-    one atom each, because export specialises sizes 0 and 1 to constants. A
-    long-range model also gets a non-periodic cluster (its direct sum) and a slab
-    (the 2D correction), so that every sum is traced and checked.
-    """
-    cutoff = float(model.cutoff)
-    generator = np.random.default_rng(0)
-    structures = []
-    for repeats in (2, 3):
-        # a jittered simple-cubic lattice at half the cutoff: every atom has neighbors
-        spacing = 0.5 * cutoff
-        grid = np.stack(np.meshgrid(*[np.arange(repeats)] * 3), -1).reshape(-1, 3)
-        positions = spacing * (grid + 0.1 * generator.standard_normal(grid.shape))
-        symbols = [model.species[k % len(model.species)] for k in range(len(grid))]
-        atoms = ase.Atoms(
-            symbols, positions=positions, cell=np.eye(3) * spacing * repeats, pbc=True
-        )
-        structures.append(atoms_to_graph(atoms, model.species, cutoff, dtype=dtype))
-    if long_range_module(model) is not None:
-        spacing = 0.45 * cutoff
-        cluster = [[0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0.5]]
-        slab = [[0, 0, 0], [1, 0, 0.2], [0, 1, 0.4], [1, 1, 0.1], [0.5, 0.5, 1]]
-        for points, pbc in ((cluster, False), (slab, (True, True, False))):
-            positions = spacing * (
-                np.array(points) + 0.1 * generator.standard_normal((5, 3))
-            )
-            symbols = [model.species[k % len(model.species)] for k in range(5)]
-            # the slab: 2 × 2 spacings in plane, 2 spacings of vacuum above it
-            cell = np.diag([2.0, 2.0, 4.0]) * spacing if pbc else None
-            atoms = ase.Atoms(symbols, positions=positions, cell=cell, pbc=pbc)
-            structures.append(atoms_to_graph(atoms, model.species, cutoff, dtype=dtype))
-    return graph_to(batch_graphs(structures), torch.device(device), dtype)
 
 
 class AOTInductorPotential(torch.nn.Module):
@@ -166,10 +88,12 @@ class AOTInductorPotential(torch.nn.Module):
         dtype: torch.dtype,
         device: str | torch.device,
         long_range: dict[str, Any] | None = None,
+        neighbor_slots: bool = False,
     ):
         super().__init__()
         self.compiled = compiled
         self.long_range = long_range
+        self.neighbor_slots = neighbor_slots
         self.eager = eager
         self.output_names = output_names
         self.ensemble_forces = False
@@ -209,7 +133,8 @@ class AOTInductorPotential(torch.nn.Module):
         return outputs
 
     def _compiled(self, graph: AtomicGraph) -> dict[str, Tensor]:
-        values = self.compiled(*flat_inputs(graph, self.long_range))
+        inputs = flat_inputs(graph, self.long_range, self.neighbor_slots)
+        values = self.compiled(*inputs)
         return dict(zip(self.output_names, values, strict=True))
 
     def _per_periodic_structure(self, graph: AtomicGraph) -> dict[str, Tensor]:
@@ -278,6 +203,7 @@ def _load_aotinductor(
             dtype,
             device,
             metadata.get("long_range_inputs"),
+            metadata.get("neighbor_slots", False),
         )
         _check_against_eager(loaded, eager, dtype, device)
     except Exception as error:  # any failure of compiled code: eager still works

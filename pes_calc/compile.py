@@ -39,16 +39,19 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from pes_calc.archive import seal
 from pes_calc.artefacts import (
-    COMPILED_OUTPUTS,
     METADATA_FILE,
     REQUIRED_IMPORTS,
     WEIGHTS_FILE,
     compiled_cpu_features,
+)
+from pes_calc.choices import as_device, as_dtype
+from pes_calc.compiled_graph import (
+    COMPILED_OUTPUTS,
     example_graph,
     flat_inputs,
     long_range_module,
+    uses_neighbor_slots,
 )
-from pes_calc.choices import as_device, as_dtype
 from pes_calc.graph import AtomicGraph, select_structures
 from pes_calc.io import (
     FORMAT_TAG,
@@ -59,6 +62,7 @@ from pes_calc.io import (
 )
 from pes_calc.llpr import LLPR
 from pes_calc.nn.long_range import MESH, export_input_names
+from pes_calc.nn.neighbor_slots import NEIGHBOR_SLOTS
 from pes_calc.potential import Potential
 
 MODES = ("torchscript", "aotinductor")
@@ -229,10 +233,14 @@ def _compile_aotinductor(model: Any, path: Path, metadata: dict[str, Any]) -> No
     graph = example_graph(model, dtype, device)
     long_range = long_range_module(model)
     extra_names: list[str] = []
+    if uses_neighbor_slots(model):
+        # the slot width: the largest neighbour count, a size the data decides
+        metadata["neighbor_slots"] = True
+        extra_names.append(NEIGHBOR_SLOTS)
     if long_range is not None:
         # the Ewald sum's cell-dependent integer data: computed outside the graph
         metadata["long_range_inputs"] = spec = long_range.export_spec()
-        extra_names = export_input_names(spec)
+        extra_names += export_input_names(spec)
         if spec["method"] == "pme":
             # one mesh per call: trace on one periodic structure and the rest
             periodic: list[bool] = graph.pbc.any(dim=1).tolist()
@@ -240,7 +248,9 @@ def _compile_aotinductor(model: Any, path: Path, metadata: dict[str, Any]) -> No
             keep = [s for s, p in enumerate(periodic) if not p or s == first]
             graph = select_structures(graph, keep)
     flat = _FlatInputs(model, [], extra_names)
-    args = flat_inputs(graph, metadata.get("long_range_inputs"))
+    args = flat_inputs(
+        graph, metadata.get("long_range_inputs"), metadata.get("neighbor_slots", False)
+    )
     example = model(flat.graph(*args), True, True)
     names = [name for name in COMPILED_OUTPUTS if name in example]
     metadata["compiled_outputs"] = flat.output_names = names
@@ -282,8 +292,11 @@ def _export_and_compile(
         {0: edges},
         {0: atoms},
     )
+    if NEIGHBOR_SLOTS in flat.extra_names:
+        dynamic_shapes += ({0: Dim("neighbor_slots", min=2, max=2**31 - 2)},)
+    long_range_names = [name for name in flat.extra_names if name != NEIGHBOR_SLOTS]
     direct_pairs = Dim("num_direct_pairs", min=1, max=2**31 - 2)
-    if flat.extra_names and flat.extra_names[0] == MESH:
+    if long_range_names and long_range_names[0] == MESH:
         # PME: the mesh (powers of 2: rfftn's last axis must be even) and the
         # direct-sum pairs
         half_z = Dim("half_mesh_z", min=1, max=2**14)
@@ -296,7 +309,7 @@ def _export_and_compile(
             {1: direct_pairs},
             {0: direct_pairs},
         )
-    elif flat.extra_names:
+    elif long_range_names:
         # Ewald: the k-vectors and the direct-sum pairs
         kvectors = Dim("num_kvectors", min=1, max=2**31 - 2)
         dynamic_shapes += (
@@ -326,7 +339,7 @@ def _export_and_compile(
     # kernel) their packages' stress came out wrong (torch 2.13, CPU: forces and
     # energies right; found with charges that depend on the edges, with both the
     # k-space and the slab terms); kernels of at most 2 nodes give eager's numbers
-    fusion = {"max_fusion_size": 2} if flat.extra_names else {}
+    fusion = {"max_fusion_size": 2} if long_range_names else {}
     with warnings.catch_warnings(), torch._inductor.config.patch(fusion):
         # inductor imports torch.utils.mkldnn, whose classes still use
         # torch.jit.script_method: torch's deprecation, not the user's TorchScript

@@ -2,9 +2,9 @@
 
 The cell-dependent integer data (Ewald's k-vector indices, PME's mesh shape, the
 direct-sum pairs) is computed outside the compiled graph
-(`pes_calc.nn.long_range.export_inputs`), so one package serves every cell. Its
-formulation is first checked against torch-pme directly (no compile), then one tiny
-float64 model per method is compiled once for the module (1-3 minutes each) and
+(`pes_calc.nn.long_range_export.export_inputs`), so one package serves every cell.
+Its formulation is first checked against torch-pme directly (no compile), then one
+tiny float64 model per method is compiled once for the module (1-3 minutes each) and
 checked against eager on cells of other shapes and sizes than it was traced on.
 """
 
@@ -23,7 +23,7 @@ from pes_calc.artefacts import AOTInductorPotential, load_artefact
 from pes_calc.compile import compile_model
 from pes_calc.graph import batch_graphs
 from pes_calc.neighbors import atoms_to_graph
-from pes_calc.nn.long_range import KVECTORS, MESH, export_inputs
+from pes_calc.nn.long_range_export import KVECTORS, MESH, export_inputs
 
 # a fallback to eager warns: a test that meant the compiled code must not pass on it
 pytestmark = pytest.mark.filterwarnings("error:.*eager model instead:UserWarning")

@@ -258,11 +258,13 @@ def test_same_numbers_as_the_calculator(equality_results, workdir, name):
             )
     else:
         # float32 rounds the positions (ghost copies vs cell shifts): measure both
-        # float32 runs against float64 and allow LAMMPS 1e-5, or ASE's own error
+        # float32 runs against float64 and allow LAMMPS 2e-5, or 3x ASE's own error
+        # (float32 stress through ASE itself: 4e-6 to 1.2e-5 of its largest
+        # component, by the order its sums run in; LAMMPS on 1-3 ranks 4e-6-1.3e-5)
         exact = calculator_numbers(atoms, model, torch.float64)
         for quantity, truth in exact.items():
             scale = np.abs(truth).max()
-            tolerance = max(1e-5 * scale, 3 * np.abs(computed[quantity] - truth).max())
+            tolerance = max(2e-5 * scale, 3 * np.abs(computed[quantity] - truth).max())
             np.testing.assert_allclose(
                 lammps[quantity], truth, rtol=0, atol=tolerance, err_msg=quantity
             )

@@ -51,11 +51,12 @@ from spex.radial import LaplacianEigenstates
 from torch import Tensor, nn
 
 from pes_calc.graph import AtomicGraph, number_of_atoms
-from pes_calc.nn.cutoffs import shifted_cosine_cutoff
+from pes_calc.nn.cutoffs import shifted_cosine_cutoff, shifted_cosine_cutoff_slope
 from pes_calc.nn.long_range import LongRangeElectrostatics
 from pes_calc.nn.mlp import MLP, PerSpecies, species_groups
+from pes_calc.nn.neighbor_slots import neighbor_ranks, to_slots
 from pes_calc.nn.precision import float64_construction
-from pes_calc.nn.scatter import scatter_sum
+from pes_calc.nn.splines import first_order, hermite_spline
 from pes_calc.potential import Architecture
 
 DEFAULT_HYPERS: dict = {
@@ -101,8 +102,31 @@ def _laplacian_eigenstates(
         )
 
 
+# the cost of one more batched product, in (harmonic, radial) pairs per atom: grouping
+# degrees computes unused cross-degree pairs, splitting them costs calls
+GROUP_CALL_COST = 500
+
+
+def degree_groups(n_per_l: Sequence[int]) -> List[Tuple[int, int]]:
+    """Consecutive degrees [first, last) per batched density product, fewest pairs
+    (Σ (2l+1) × Σ n_l per group, plus `GROUP_CALL_COST` per group) first."""
+    num_degrees = len(n_per_l)
+    best: List[Tuple[float, List[Tuple[int, int]]]] = [(0.0, [])]
+    for last in range(1, num_degrees + 1):
+        options = []
+        for first in range(last):
+            pairs = (last * last - first * first) * sum(n_per_l[first:last])
+            cost, groups = best[first]
+            options.append((cost + pairs + GROUP_CALL_COST, groups + [(first, last)]))
+        best.append(min(options, key=lambda option: option[0]))
+    return best[num_degrees][1]
+
+
 class SoapBpnn(Architecture):
     """SOAP power spectrum + Behler–Parrinello per-species networks."""
+
+    # its density sums over neighbour slots: compiled, it takes their width
+    uses_neighbor_slots = True
 
     def __init__(self, species: Sequence[str], hypers: Dict):
         super().__init__()
@@ -116,23 +140,11 @@ class SoapBpnn(Architecture):
         )
         self.angular = SphericalHarmonics(max_angular)
         self.n_per_l: List[int] = [int(n) for n in self.radial.n_per_l]
+        # True: the radial basis with derivatives of first order only (export)
+        self.first_order_radial = False
 
-        # per l: width k_l = T n_l of the density, and its upper-triangle indices
-        self.density_sizes: List[int] = [
-            (2 * l + 1) * n for l, n in enumerate(self.n_per_l)
-        ]
-        # the (harmonic lm, radial ln) factors of each density column (l, m, n)
-        product_harmonic, product_radial = [], []
-        for l, n in enumerate(self.n_per_l):
-            for m in range(2 * l + 1):
-                product_harmonic += [l * l + m] * n
-                product_radial += [sum(self.n_per_l[:l]) + k for k in range(n)]
-        self.register_buffer(
-            "product_harmonic", torch.tensor(product_harmonic), persistent=False
-        )
-        self.register_buffer(
-            "product_radial", torch.tensor(product_radial), persistent=False
-        )
+        # degrees whose densities come from one batched product (see _density)
+        self.degree_groups: List[Tuple[int, int]] = degree_groups(self.n_per_l)
         # flat upper-triangle indices into each (k_l × k_l) product, k_l = T n_l
         triangles = []
         for n in self.n_per_l:
@@ -216,30 +228,83 @@ class SoapBpnn(Architecture):
         return (one_hot.unsqueeze(-1) * features.unsqueeze(1)).flatten(1)
 
     def _density(self, graph: AtomicGraph, vectors: Tensor) -> List[Tensor]:
-        """Neighbor densities per l, each (N, 2l+1, T·n_l)."""
+        """Neighbor densities per l, each (N, 2l+1, T·n_l).
+
+        Σ_j y_lm(j) r_an(j) for every (lm, an) is a batched product over each atom's
+        neighbour slots (`pes_calc.nn.neighbor_slots`): the edge vectors are laid out
+        as (N, K, 3) first, so the bases and their gradients are computed, and come
+        back from the products, in that one contiguous layout (no per-edge
+        (E, Σ (2l+1) n_l) products, no scatter, no gathers along the basis axis).
+        """
         i, j = graph.edge_index[0], graph.edge_index[1]
-        lengths = torch.linalg.vector_norm(vectors, dim=-1)  # (E,)
-        cutoff = shifted_cosine_cutoff(lengths, self.cutoff, self.cutoff_width)
-        # torch-spex's flat bases, before its modules split them per l (a split and a
-        # cat back cost two (E, ·) copies and their gradients)
-        radial = self.radial.spliner(lengths) * cutoff.unsqueeze(-1)  # (E, Σ n_l)
-        harmonics = self.angular.sph.compute(vectors)  # (E, (l_max+1)²)
-        # all (l, m, n) products y_lm r_ln in one flat, contiguous tensor: one scatter
-        # serves every l, and the backward pass avoids slow tiny-dimension broadcasts
-        products = harmonics.index_select(
-            1, self.product_harmonic
-        ) * radial.index_select(1, self.product_radial)  # (E, Σ (2l+1) n_l)
         num_atoms = number_of_atoms(graph)
-        slot = i * self.num_species + graph.species[j]  # (centre, neighbor species)
-        density = scatter_sum(products, slot, num_atoms * self.num_species)
+        ranks, width = neighbor_ranks(i, num_atoms, graph.properties)
+        # empty slots hold a vector beyond the cutoff: radial factors and their
+        # gradients vanish there, and the harmonics stay finite
+        empty = vectors.new_zeros(num_atoms, width, 3)
+        empty[:, :, 2] = 2.0 * self.cutoff
+        slot_vectors = empty.index_put((i, ranks), vectors).view(-1, 3)
+        lengths = torch.linalg.vector_norm(slot_vectors, dim=-1)  # (N·K,)
+        radial = self._radial(lengths)  # (N·K, Σ n_l)
+        harmonics = self.angular.sph.compute(slot_vectors)  # (N·K, (l_max+1)²)
+        if self.num_species > 1:  # neighbour j's radial factors in its species' block
+            neighbor_species = to_slots(graph.species[j], i, ranks, num_atoms, width)
+            radial = radial.unsqueeze(1) * nn.functional.one_hot(
+                neighbor_species.view(-1), self.num_species
+            ).to(radial.dtype).unsqueeze(-1)  # (N·K, T, Σ n_l)
+        padded_harmonics = harmonics.view(num_atoms, width, -1)
+        padded_radial = radial.view(num_atoms, width, self.num_species, -1)
         densities: List[Tensor] = []
-        for l, block in enumerate(torch.split(density, self.density_sizes, dim=1)):
-            n = self.n_per_l[l]
-            block = block.reshape(num_atoms, self.num_species, 2 * l + 1, n)
-            densities.append(
-                block.permute(0, 2, 1, 3).reshape(num_atoms, 2 * l + 1, -1)
+        for first, last in self.degree_groups:
+            # (N, T, Σ n_l, Σ 2l+1) over the group's degrees; only equal l is kept.
+            # Harmonics second: their gradient, the larger one to pull back (through
+            # (E, 3, (l_max+1)²) derivatives), comes out in their own layout
+            start, stop = sum(self.n_per_l[:first]), sum(self.n_per_l[:last])
+            radial_block = padded_radial[:, :, :, start:stop].reshape(
+                num_atoms, width, -1
             )
+            harmonics_block = padded_harmonics[:, :, first * first : last * last]
+            product = torch.bmm(radial_block.transpose(1, 2), harmonics_block).view(
+                num_atoms, self.num_species, stop - start, -1
+            )
+            row, column = 0, 0
+            for l in range(first, last):
+                n = self.n_per_l[l]
+                block = product[:, :, column : column + n, row : row + 2 * l + 1]
+                # (N, 2l+1, T·n_l), species-major columns
+                densities.append(
+                    block.permute(0, 3, 1, 2).reshape(num_atoms, 2 * l + 1, -1)
+                )
+                row, column = row + 2 * l + 1, column + n
         return densities
+
+    def _radial(self, lengths: Tensor) -> Tensor:
+        """(E, Σ n_l) torch-spex's flat radial basis (before its modules split it per
+        l) times the cutoff function; first order only once prepared for export."""
+        cutoff = shifted_cosine_cutoff(lengths, self.cutoff, self.cutoff_width)
+        spliner = self.radial.spliner
+        if not self.first_order_radial:
+            return spliner(lengths) * cutoff.unsqueeze(-1)
+        value, slope = hermite_spline(
+            lengths,
+            spliner.spline_spacing,
+            spliner.spline_values,
+            spliner.spline_derivatives,
+            self.cutoff,
+        )
+        cutoff_slope = shifted_cosine_cutoff_slope(
+            lengths, self.cutoff, self.cutoff_width
+        )
+        return first_order(
+            value * cutoff.unsqueeze(-1),
+            slope * cutoff.unsqueeze(-1) + value * cutoff_slope.unsqueeze(-1),
+            lengths,
+        )
+
+    def prepare_for_export(self) -> None:
+        """The radial basis in first order: a compiled graph's backward pass then
+        reads one (E, Σ n_l) derivative instead of autograd's saved spline terms."""
+        self.first_order_radial = True
 
     def _power_spectrum(self, densities: List[Tensor]) -> Tensor:
         """(N, D) rotation-invariant products Σ_m c_{lmk} c_{lmk'} for k ≤ k'."""

@@ -16,6 +16,12 @@ def shifted_cosine_cutoff(r: Tensor, cutoff: float, width: float) -> Tensor:
     return 0.5 * (1.0 + torch.cos(math.pi * x))
 
 
+def shifted_cosine_cutoff_slope(r: Tensor, cutoff: float, width: float) -> Tensor:
+    """d/dr of `shifted_cosine_cutoff` (per Å): -½ (π/width) sin(π x) in the switch."""
+    x = torch.clamp((r - cutoff + width) / width, 0.0, 1.0)
+    return -0.5 * (math.pi / width) * torch.sin(math.pi * x)
+
+
 def polynomial_envelope(r: Tensor, cutoff: float, p: float = 6.0) -> Tensor:
     """NequIP's polynomial envelope u(r/cutoff) (Klicpera et al.): a triple root at
     the cutoff, so u and its first two derivatives vanish there (not the third,

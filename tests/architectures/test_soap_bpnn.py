@@ -580,3 +580,78 @@ def test_long_range_compiles_from_the_command_line(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "m.pt").stat().st_size > 0
+
+
+# ------------------------------------------------------------ neighbour slots
+
+
+def edge_sum_density(architecture, graph, vectors):
+    """The densities as the plain sum over edges: Σ_j [t(j) = a] R_ln Y_lm."""
+    i, j = graph.edge_index
+    lengths = torch.linalg.vector_norm(vectors, dim=-1)
+    radial = architecture._radial(lengths)
+    harmonics = architecture.angular.sph.compute(vectors)
+    num_atoms, num_species = graph.positions.shape[0], architecture.num_species
+    densities, start = [], 0
+    for degree, n in enumerate(architecture.n_per_l):
+        y = harmonics[:, degree**2 : (degree + 1) ** 2]
+        r = radial[:, start : start + n]
+        start += n
+        block = torch.zeros(
+            num_atoms, 2 * degree + 1, num_species, n, dtype=vectors.dtype
+        )
+        per_edge = y[:, :, None, None] * r[:, None, None, :]
+        species = torch.nn.functional.one_hot(graph.species[j], num_species)
+        per_edge = per_edge * species[:, None, :, None]
+        block = block.index_add(0, i, per_edge)
+        densities.append(block.reshape(num_atoms, 2 * degree + 1, -1))
+    return densities
+
+
+def test_slot_densities_equal_the_sum_over_edges(model):
+    # a cluster with an isolated atom (no edges) and uneven neighbour counts
+    atoms = cluster("CuAgCuCuAgCuAg")
+    atoms.positions[-1] = [30.0, 30.0, 30.0]
+    graph = graph_of(model, atoms)
+    # edges in a shuffled order: the slots must not rely on sorted centres
+    order = torch.randperm(
+        graph.edge_index.shape[1], generator=torch.Generator().manual_seed(0)
+    )
+    graph = graph._replace(
+        edge_index=graph.edge_index[:, order],
+        edge_cell_shifts=graph.edge_cell_shifts[order],
+    )
+    vectors = edge_vectors(graph)
+    architecture = model.architecture
+    for ours, reference in zip(
+        architecture._density(graph, vectors),
+        edge_sum_density(architecture, graph, vectors),
+        strict=True,
+    ):
+        assert torch.allclose(ours, reference, atol=1e-13, rtol=0)
+    assert architecture._density(graph, vectors)[0][-1].abs().max() == 0.0
+
+
+def test_degree_groups_cover_every_degree_once():
+    from pes_calc.architectures.soap_bpnn import degree_groups
+
+    for n_per_l in ([8, 7, 7, 6, 6, 5, 5], [4, 4, 4, 4], [3]):
+        groups = degree_groups(n_per_l)
+        assert groups[0][0] == 0 and groups[-1][1] == len(n_per_l)
+        assert all(a[1] == b[0] for a, b in zip(groups, groups[1:], strict=False))
+    # metatrain's default basis: two products instead of one (2156 pairs) or seven
+    assert degree_groups([8, 7, 7, 6, 6, 5, 5]) == [(0, 4), (4, 7)]
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_first_order_radial_gives_the_same_numbers(periodic):
+    model = small_model()
+    atoms = bulk().repeat((2, 1, 1)) if periodic else cluster()
+    graph = graph_of(model, atoms)
+    exact = model(graph)
+    prepared = copy.deepcopy(model)
+    prepared.architecture.prepare_for_export()
+    assert prepared.architecture.first_order_radial
+    first = prepared(graph)
+    for name in (keys.ENERGY, keys.FORCES, keys.STRESS):
+        assert torch.allclose(first[name], exact[name], atol=1e-13, rtol=0), name
