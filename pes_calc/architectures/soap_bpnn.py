@@ -140,8 +140,8 @@ class SoapBpnn(Architecture):
         )
         self.angular = SphericalHarmonics(max_angular)
         self.n_per_l: List[int] = [int(n) for n in self.radial.n_per_l]
-        # True: the radial basis with derivatives of first order only (export)
-        self.first_order_radial = False
+        # True once prepared for export: formulations for compiled kernels
+        self.export_formulation = False
 
         # degrees whose densities come from one batched product (see _density)
         self.degree_groups: List[Tuple[int, int]] = degree_groups(self.n_per_l)
@@ -257,14 +257,15 @@ class SoapBpnn(Architecture):
         densities: List[Tensor] = []
         for first, last in self.degree_groups:
             # (N, T, Σ n_l, Σ 2l+1) over the group's degrees; only equal l is kept.
-            # Harmonics second: their gradient, the larger one to pull back (through
-            # (E, 3, (l_max+1)²) derivatives), comes out in their own layout
+            # Radial factors second: their gradient comes out in their own layout
+            # (measured: 12 against 14 ms at 256 Cu atoms compiled, 1 thread)
             start, stop = sum(self.n_per_l[:first]), sum(self.n_per_l[:last])
             radial_block = padded_radial[:, :, :, start:stop].reshape(
                 num_atoms, width, -1
             )
             harmonics_block = padded_harmonics[:, :, first * first : last * last]
-            product = torch.bmm(radial_block.transpose(1, 2), harmonics_block).view(
+            product = torch.bmm(harmonics_block.transpose(1, 2), radial_block)
+            product = product.transpose(1, 2).view(
                 num_atoms, self.num_species, stop - start, -1
             )
             row, column = 0, 0
@@ -280,10 +281,10 @@ class SoapBpnn(Architecture):
 
     def _radial(self, lengths: Tensor) -> Tensor:
         """(E, Σ n_l) torch-spex's flat radial basis (before its modules split it per
-        l) times the cutoff function; first order only once prepared for export."""
+        l) times the cutoff function; first order once prepared for export."""
         cutoff = shifted_cosine_cutoff(lengths, self.cutoff, self.cutoff_width)
         spliner = self.radial.spliner
-        if not self.first_order_radial:
+        if not self.export_formulation:
             return spliner(lengths) * cutoff.unsqueeze(-1)
         value, slope = hermite_spline(
             lengths,
@@ -302,15 +303,21 @@ class SoapBpnn(Architecture):
         )
 
     def prepare_for_export(self) -> None:
-        """The radial basis in first order: a compiled graph's backward pass then
-        reads one (E, Σ n_l) derivative instead of autograd's saved spline terms."""
-        self.first_order_radial = True
+        """The radial basis in first order (a compiled graph's backward pass then
+        reads one (E, Σ n_l) derivative instead of autograd's saved spline terms) and
+        the power spectrum as broadcast products (fused kernels instead of one tiny
+        batched matrix product per degree, forward and backward)."""
+        self.export_formulation = True
 
     def _power_spectrum(self, densities: List[Tensor]) -> Tensor:
         """(N, D) rotation-invariant products Σ_m c_{lmk} c_{lmk'} for k ≤ k'."""
         triangles = torch.split(self.triangles, self.triangle_sizes)
         blocks: List[Tensor] = []
         for density, triangle in zip(densities, triangles):
-            product = torch.einsum("imk,imq->ikq", density, density).flatten(1)
+            if self.export_formulation:
+                product = (density.unsqueeze(3) * density.unsqueeze(2)).sum(1)
+            else:
+                product = torch.einsum("imk,imq->ikq", density, density)
+            product = product.flatten(1)
             blocks.append(product.index_select(1, triangle))
         return torch.cat(blocks, dim=1)

@@ -644,14 +644,14 @@ def test_degree_groups_cover_every_degree_once():
 
 
 @pytest.mark.parametrize("periodic", [True, False])
-def test_first_order_radial_gives_the_same_numbers(periodic):
+def test_export_formulation_gives_the_same_numbers(periodic):
     model = small_model()
     atoms = bulk().repeat((2, 1, 1)) if periodic else cluster()
     graph = graph_of(model, atoms)
     exact = model(graph)
     prepared = copy.deepcopy(model)
     prepared.architecture.prepare_for_export()
-    assert prepared.architecture.first_order_radial
+    assert prepared.architecture.export_formulation
     first = prepared(graph)
     for name in (keys.ENERGY, keys.FORCES, keys.STRESS):
         assert torch.allclose(first[name], exact[name], atol=1e-13, rtol=0), name
