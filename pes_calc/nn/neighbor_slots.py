@@ -24,9 +24,14 @@ NEIGHBOR_SLOTS = "neighbor_slots"
 def slot_width(centres: Tensor, num_atoms: int) -> int:
     """K: the largest number of edges of one centre, at least 2 (a width that may be
     1 would make compiled kernels branch on broadcasting)."""
-    if centres.shape[0] == 0:
+    return _width(torch.bincount(centres, minlength=num_atoms))
+
+
+def _width(counts: Tensor) -> int:
+    """K from the (N,) edge counts per centre (2 without edges)."""
+    if counts.numel() == 0:
         return 2
-    return int(torch.bincount(centres, minlength=num_atoms).max().clamp(min=2).item())
+    return int(counts.max().clamp(min=2).item())
 
 
 def slot_width_input(graph: AtomicGraph) -> Tensor:
@@ -41,14 +46,11 @@ def neighbor_ranks(
     """(E,) rank of each edge among its centre's edges (in edge order), and K
     (from the ``NEIGHBOR_SLOTS`` placeholder when the properties hold one)."""
     num_edges = centres.shape[0]
-    placeholder = properties.get("neighbor_slots")  # NEIGHBOR_SLOTS (TorchScript)
-    if placeholder is not None:
-        width = placeholder.shape[0]
-    else:
-        width = slot_width(centres, num_atoms)
     # not bincount: its length depends on the data, which export cannot size
     counts = torch.zeros(num_atoms, dtype=centres.dtype, device=centres.device)
     counts = counts.index_add(0, centres, torch.ones_like(centres))
+    placeholder = properties.get("neighbor_slots")  # NEIGHBOR_SLOTS (TorchScript)
+    width = placeholder.shape[0] if placeholder is not None else _width(counts)
     sorted_centres, order = torch.sort(centres, stable=True)
     starts = torch.cumsum(counts, 0) - counts
     sorted_ranks = (
